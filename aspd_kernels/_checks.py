@@ -1,0 +1,92 @@
+"""Argument checks at the op boundary: every message names the argument.
+
+Shape/dtype/device checks are free and always run. Value checks read the device (a host sync), so they run only
+when ``check_values`` is true and we are neither compiling nor capturing a CUDA graph; the kernels clamp lengths to
+capacity so that unchecked values can give wrong numbers but never an out-of-bounds access or a hang.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def values_checkable(check_values: bool) -> bool:
+    if not check_values or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def tensor(name: str, t, ndim: int | None = None, dtypes=None, device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {t.device}")
+
+
+def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
+    """``expected`` may hold None for a free dimension."""
+    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+
+
+def same_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "q") -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def heads(q_name: str, hq: int, kv_name: str, hkv: int) -> None:
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the head count of {q_name} ({hq}) must be a multiple of that of {kv_name} ({hkv})")
+
+
+def head_dim(name: str, d: int, backend: str) -> None:
+    if backend != "torch" and d not in (32, 64, 96, 128, 256):
+        raise ValueError(f"{name}: head size {d} is not supported by the {backend} backend (32, 64, 96, 128, 256)")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Copy only when the innermost stride is not 1 (FlashAttention's rule)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def cu_seqlens(name: str, cu: torch.Tensor, total: int, check: bool) -> None:
+    tensor(name, cu, 1, (torch.int32,))
+    if cu.shape[0] < 2:
+        raise ValueError(f"{name} must hold at least 2 entries (B + 1), got {cu.shape[0]}")
+    if check:
+        if int(cu[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0, got {int(cu[0])}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing")
+        if int(cu[-1]) != total:
+            raise ValueError(f"{name}[-1] ({int(cu[-1])}) must equal the packed token count ({total})")
+
+
+def ids(seg_name: str, segment: torch.Tensor, br_name: str, branch: torch.Tensor, valid: torch.Tensor,
+        new_sequence: torch.Tensor | None = None) -> None:
+    """Value checks of the per-token ids: ``branch >= 0``, ``segment >= 0`` and ``segment`` non-decreasing along each
+    row of valid slots.
+
+    ``segment, branch, valid`` are ``[rows, length]`` (``valid`` bool: which slots hold tokens); ``new_sequence``
+    (bool, same shape) marks the slots where a new sequence starts inside a row (packed batches).
+    """
+    if segment.numel() == 0:
+        return
+    if bool((valid & (branch < 0)).any()):
+        raise ValueError(f"{br_name} must be >= 0 (0 = serial, 1..K = branch), got {int(branch[valid].min())}")
+    if bool((valid & (segment < 0)).any()):
+        raise ValueError(f"{seg_name} must be >= 0, got {int(segment[valid].min())}")
+    down = (segment[:, 1:] < segment[:, :-1]) & valid[:, 1:] & valid[:, :-1]
+    if new_sequence is not None:
+        down &= ~new_sequence[:, 1:]
+    if bool(down.any()):
+        row, col = (int(x) for x in down.nonzero()[0])
+        raise ValueError(f"{seg_name} must be non-decreasing within a sequence; row {row} decreases at slot {col + 1}")

@@ -1,0 +1,133 @@
+"""``branch_attention_with_kvcache``: the decoding step over a contiguous or paged KV cache."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _checks as chk
+from ._dispatch import implementation, resolve
+
+
+@torch.library.custom_op("aspd::branch_attention_with_kvcache", mutates_args=())
+def _branch_attention_with_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, segment: Tensor, branch: Tensor,
+    q_seqlens: Tensor, block_table: Tensor | None, softmax_scale: float, backend: str,
+) -> Tensor:
+    return implementation(backend, "branch_attention_with_kvcache")(
+        q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table, softmax_scale
+    )
+
+
+@_branch_attention_with_kvcache.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table, softmax_scale, backend):
+    return q.new_empty(q.shape[:-1] + (v_cache.shape[-1],))
+
+
+def check_cache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, segment: Tensor, branch: Tensor,
+    q_seqlens: Tensor | None, block_table: Tensor | None, k_name: str = "k_cache", v_name: str = "v_cache",
+    seg_name: str = "segment", br_name: str = "branch", check_values: bool = True, check_ids: bool = True,
+) -> Tensor:
+    """Shape, dtype and (optionally) value checks shared by the ops that take a KV cache.
+
+    ``check_ids=False`` skips the ids held in the cache (an append is about to overwrite some of them).
+    Returns ``q_seqlens`` materialised (``Lq`` for every sequence when None).
+    """
+    dev = q.device
+    bsz, lq, hq, d = q.shape
+    chk.tensor(k_name, k_cache, 4, device=dev)
+    chk.tensor(v_name, v_cache, 4, device=dev)
+    hkv = k_cache.shape[2]
+    if block_table is None:
+        chk.shape(k_name, k_cache, (bsz, None, hkv, d))
+        capacity = k_cache.shape[1]
+    else:
+        chk.tensor("block_table", block_table, 2, (torch.int32,), dev)
+        chk.shape("block_table", block_table, (bsz, None))
+        chk.shape(k_name, k_cache, (None, None, hkv, d))
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    chk.shape(v_name, v_cache, k_cache.shape)
+    chk.heads("q", hq, k_name, hkv)
+    for name, t in ((seg_name, segment), (br_name, branch)):
+        chk.tensor(name, t, 2, (torch.int32,), dev)
+        chk.shape(name, t, k_cache.shape[:2])
+    chk.tensor("cache_seqlens", cache_seqlens, 1, (torch.int32,), dev)
+    chk.shape("cache_seqlens", cache_seqlens, (bsz,))
+    if q_seqlens is None:
+        q_seqlens = torch.full((bsz,), lq, dtype=torch.int32, device=dev)
+    else:
+        chk.tensor("q_seqlens", q_seqlens, 1, (torch.int32,), dev)
+        chk.shape("q_seqlens", q_seqlens, (bsz,))
+    if not chk.values_checkable(check_values) or bsz == 0:
+        return q_seqlens
+    if int(cache_seqlens.min()) < 0 or int(cache_seqlens.max()) > capacity:
+        raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), got "
+                         f"[{int(cache_seqlens.min())}, {int(cache_seqlens.max())}]")
+    if int(q_seqlens.min()) < 0 or int(q_seqlens.max()) > lq:
+        raise ValueError(f"q_seqlens must lie in [0, {lq}] (q.shape[1]), got "
+                         f"[{int(q_seqlens.min())}, {int(q_seqlens.max())}]")
+    if bool((q_seqlens > cache_seqlens).any()):
+        raise ValueError("q_seqlens must not exceed cache_seqlens: the new tokens are already in the cache")
+    if block_table is not None:
+        bs = k_cache.shape[1]
+        used = torch.arange(block_table.shape[1], device=dev)[None, :] * bs < cache_seqlens[:, None]
+        bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"block_table holds block ids outside [0, {k_cache.shape[0]}) for used blocks")
+    if not check_ids:
+        return q_seqlens
+    if block_table is not None:
+        gather = lambda t: t[block_table.long().clamp(0, k_cache.shape[0] - 1)].reshape(bsz, -1)  # noqa: E731
+        seg_l, br_l = gather(segment), gather(branch)
+    else:
+        seg_l, br_l = segment, branch
+    valid = torch.arange(seg_l.shape[1], device=dev)[None, :] < cache_seqlens[:, None]
+    chk.ids(seg_name, seg_l, br_name, br_l, valid)
+    return q_seqlens
+
+
+def branch_attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    segment: Tensor,
+    branch: Tensor,
+    softmax_scale: float | None = None,
+    q_seqlens: Tensor | None = None,
+    block_table: Tensor | None = None,
+    *,
+    check_values: bool = True,
+    backend: str | None = None,
+) -> Tensor:
+    """One decoding step: the newest tokens of each sequence attend to its cache under the branch mask.
+
+    Shapes:
+        q:              [B, Lq, Hq, D]   the new tokens (one per live branch while decoding), already in the cache
+        k_cache, v_cache: [B, Ncap, Hkv, D] contiguous, or paged [num_blocks, block_size, Hkv, D]; q's dtype
+        cache_seqlens:  int32 [B]        valid slots per sequence, the new tokens included
+        segment, branch: int32 [B, Ncap] (paged: [num_blocks, block_size]) the ids of every cache slot
+        q_seqlens:      int32 [B]        new tokens per sequence (default Lq); rows beyond come back as zeros
+        block_table:    int32 [B, max_blocks] for a paged cache (vLLM's layout), else None
+
+    Query i of sequence b sits at slot ``cache_seqlens[b] - q_seqlens[b] + i`` and sees slot k iff
+    ``k <= q and (segment[k] != segment[q] or branch[k] == branch[q])``.
+    Returns ``out [B, Lq, Hq, D]`` in q's dtype.
+    """
+    chk.tensor("q", q, 4, chk.FLOAT_DTYPES)
+    chk.tensor("k_cache", k_cache, 4)
+    chk.same_dtype("k_cache", k_cache, q)
+    chk.tensor("v_cache", v_cache, 4)
+    chk.same_dtype("v_cache", v_cache, q)
+    q_seqlens = check_cache(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table,
+                            check_values=check_values)
+    name = resolve("branch_attention_with_kvcache", q.device, backend)
+    chk.head_dim("q", q.shape[-1], name)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _branch_attention_with_kvcache(
+        chk.last_dim_contiguous(q), chk.last_dim_contiguous(k_cache), chk.last_dim_contiguous(v_cache),
+        cache_seqlens.contiguous(), segment.contiguous(), branch.contiguous(), q_seqlens.contiguous(),
+        None if block_table is None else block_table.contiguous(), scale, name,
+    )

@@ -1,0 +1,5 @@
+"""The Triton backend: one module per op, each exporting the functions of the backend contract (``_dispatch``).
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``. Each module also lists ``AOT_SPECS``:
+the kernels and signatures that ``.ci/aot_compile_triton.py`` compiles for sm_90 and sm_80 in CI.
+"""

@@ -1,0 +1,17 @@
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))  # python_tests/layouts.py
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    interp = os.environ.get("TRITON_INTERPRET", "0")
+    return f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}, TRITON_INTERPRET={interp}"

@@ -72,7 +72,7 @@ def attend_fwd(q, k, v, segment, branch, q_index, scale: float):
     out = torch.where(seen[..., None], acc / torch.where(seen, l, torch.ones_like(l))[..., None], 0.0)
     lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), float("-inf"))
     out = out.permute(2, 0, 1, 3).reshape(lq, hq, dv).to(q.dtype)
-    return out, lse.reshape(hq, lq).float()
+    return out, lse.reshape(hq, lq)  # accumulation dtype: callers store float32
 
 
 def attend_bwd(dout, dlse, q, k, v, out, lse, segment, branch, q_index, scale: float):
@@ -85,6 +85,9 @@ def attend_bwd(dout, dlse, q, k, v, out, lse, segment, branch, q_index, scale: f
     qh, doh, oh = to_h(q), to_h(dout), to_h(out)
     kh = k.to(acc_t).permute(1, 0, 2)
     vh = v.to(acc_t).permute(1, 0, 2)
+    if q.dtype == torch.float64:
+        # the stored lse is float32 (the op's contract); float64 gradients need it exact, so recompute it
+        lse = attend_fwd(q, k, v, segment, branch, q_index, scale)[1]
     lse_h = lse.to(acc_t).reshape(hkv, g, lq)
     delta = (doh * oh).sum(-1)  # [Hkv, G, Lq]
     if dlse is not None:

@@ -1,10 +1,11 @@
 """remap_positions (torch backend) against the section-walking reference on random layouts and packed batches."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from layouts import random_batch, random_layout
 
 from aspd_kernels import reference as R
-from aspd_kernels import remap_positions
+from aspd_kernels import BranchLayout, remap_positions
 
 
 @pytest.mark.parametrize("strategy", R.STRATEGIES)
@@ -31,3 +32,18 @@ def test_segments_need_not_start_at_zero_or_be_dense():
 def test_empty():
     e = torch.empty(0, dtype=torch.int32)
     assert remap_positions(e, e).numel() == 0
+
+
+section = st.one_of(
+    st.tuples(st.just("serial"), st.integers(1, 6)),
+    st.tuples(st.just("parallel"), st.lists(st.integers(0, 5), min_size=1, max_size=9).filter(any)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sections=st.lists(section, min_size=1, max_size=7), storage=st.sampled_from(["contiguous", "interleaved"]),
+       strategy=st.sampled_from(R.STRATEGIES), width=st.one_of(st.none(), st.integers(1, 7)))
+def test_property_matches_reference(sections, storage, strategy, width):
+    lay = BranchLayout.from_sections(sections, storage=storage)
+    got = remap_positions(lay.segment, lay.branch, strategy, width=width)
+    assert got.tolist() == R.positions_one(lay.segment.tolist(), lay.branch.tolist(), strategy, width)

@@ -1,0 +1,74 @@
+"""CUDA graphs for decode steps: one graph per bucket of new-token counts (1, 2, 4, ..., 64), replayed with the
+real count in ``q_seqlens`` so the padding rows are neither written to the cache nor attended from."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .model import Batch, Transformer
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class DecodeGraphs:
+    """Static input buffers + lazily captured graphs of ``model.step`` for batch 1.
+
+    ``run(...)`` returns the float32 logits ``[L, vocab]`` (a view of the graph's static output, valid until the
+    next replay) or None when ``L`` exceeds the largest bucket or capture failed (the caller then runs eagerly).
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, buckets: tuple[int, ...] = BUCKETS) -> None:
+        self.model, self.cache = model, cache
+        self.buckets = tuple(sorted(buckets))
+        dev = cache.k.device
+        cap = self.buckets[-1]
+        self.tokens = torch.zeros((1, cap), dtype=torch.int64, device=dev)
+        self.ids = torch.zeros((3, 1, cap), dtype=torch.int32, device=dev)  # positions, segment, branch
+        self.lens = torch.zeros((2, 1), dtype=torch.int32, device=dev)  # cache_seqlens, q_seqlens
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool = None
+        self.disabled = False
+
+    def _batch(self, b: int) -> Batch:
+        return Batch(self.tokens[:, :b], self.ids[0, :, :b], self.ids[1, :, :b], self.ids[2, :, :b],
+                     self.lens[0], self.lens[1])
+
+    def _capture(self, b: int) -> None:
+        batch = self._batch(b)
+        # warm-up runs execute for real: with q_seqlens = 0 they write nothing into the cache
+        self.lens.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.model.step(batch, self.cache, check_values=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.model.step(batch, self.cache, check_values=False)
+        self.pool = graph.pool()
+        self.graphs[b] = (graph, out)
+
+    def run(self, tokens: list[int], positions: list[int], segment: list[int], branch: list[int],
+            cache_len: int) -> Tensor | None:
+        n = len(tokens)
+        b = next((x for x in self.buckets if x >= n), None)
+        if b is None or self.disabled:
+            return None
+        if b not in self.graphs:
+            try:
+                self._capture(b)
+            except RuntimeError as e:  # an op path that is not capturable: stay eager from now on
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
+                self.disabled = True
+                return None
+        pad = [0] * (b - n)
+        self.tokens[0, :b].copy_(torch.tensor(tokens + pad, dtype=torch.int64))
+        self.ids[:, 0, :b].copy_(torch.tensor([positions + pad, segment + pad, branch + pad], dtype=torch.int32))
+        self.lens.copy_(torch.tensor([[cache_len], [n]], dtype=torch.int32))
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[0, :n]

@@ -1,0 +1,132 @@
+"""A minimal Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral) whose attention is the package's ops.
+
+Module and parameter names mirror transformers' ``LlamaForCausalLM``, so a checkpoint's state dict loads as is.
+Every forward -- a prefill chunk or a decode step -- is the same code: ``rope_append_kv`` rotates q and k and writes
+k, v and the new tokens' (segment, branch) ids into the static cache, then ``branch_attention_with_kvcache`` attends
+under the branch mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..branch_attention_with_kvcache import branch_attention_with_kvcache
+from ..rope_append_kv import rope_append_kv
+from .cache import KVCache
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # float32 statistics, then back to the input dtype before the weight: as Llama's reference does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Batch:
+    """Per-forward inputs shared by all layers.
+
+    tokens: int64 [B, L]; positions: int32 [B, L] rotary ids; segment, branch: int32 [B, L] ids of the new tokens;
+    cache_seqlens: int32 [B] valid slots after this forward; q_seqlens: int32 [B] real new tokens per sequence
+    (rows beyond are padding: not written, attention output zero).
+    """
+
+    __slots__ = ("tokens", "positions", "segment", "branch", "cache_seqlens", "q_seqlens")
+
+    def __init__(self, tokens: Tensor, positions: Tensor, segment: Tensor, branch: Tensor, cache_seqlens: Tensor,
+                 q_seqlens: Tensor) -> None:
+        self.tokens, self.positions, self.segment, self.branch = tokens, positions, segment, branch
+        self.cache_seqlens, self.q_seqlens = cache_seqlens, q_seqlens
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=cfg.o_bias)
+        self.hq, self.hkv, self.d = hq, hkv, d
+        self.scale = d ** -0.5
+
+    def forward(self, x: Tensor, b: Batch, cos_sin: Tensor, cache: KVCache, layer: int, check_values: bool) -> Tensor:
+        bsz, L, _ = x.shape
+        q = self.q_proj(x).view(bsz, L, self.hq, self.d)
+        k = self.k_proj(x).view(bsz, L, self.hkv, self.d)
+        v = self.v_proj(x).view(bsz, L, self.hkv, self.d)
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        q = rope_append_kv(q, k, v, b.positions, cos_sin, k_cache, v_cache, cache.segment, cache.branch,
+                           b.cache_seqlens, b.segment, b.branch, b.q_seqlens, check_values=check_values)
+        o = branch_attention_with_kvcache(q, k_cache, v_cache, b.cache_seqlens, cache.segment, cache.branch,
+                                          self.scale, b.q_seqlens, check_values=check_values)
+        return self.o_proj(o.reshape(bsz, L, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, b: Batch, cos_sin: Tensor, cache: KVCache, layer: int, check_values: bool) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), b, cos_sin, cache, layer, check_values)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """transformers' ``model.`` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """``hidden(batch)`` -> final-norm hidden states ``[B, L, hidden]``; ``logits(h)`` -> float32 ``[..., vocab]``.
+
+    The two are apart so a prefill computes the vocabulary projection only for the rows it samples from.
+    ``cos_sin`` (float32 ``[P, rot_dim]``) is a buffer set by the loader (:func:`rope_cos_sin_cache`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("cos_sin", torch.empty(0, 0), persistent=False)
+
+    def hidden(self, b: Batch, cache: KVCache, check_values: bool = True) -> Tensor:
+        x = self.model.embed_tokens(b.tokens)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, b, self.cos_sin, cache, i, check_values)
+        return self.model.norm(x)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.lm_head(h).float()
+
+    def step(self, b: Batch, cache: KVCache, check_values: bool = True) -> Tensor:
+        """A decode step: logits float32 ``[B, L, vocab]`` for every new row (what the CUDA graphs capture)."""
+        return self.logits(self.hidden(b, cache, check_values))

@@ -1,0 +1,151 @@
+"""SPEC §6 identities of the decoder on tiny random Llama and Qwen2 models (float32, greedy, CPU, torch backend)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from test_decoder_helpers import VOCAB, decoder, dense_logits, hf_greedy, predictor_rows, tiny_model
+
+from aspd_kernels import remap_positions
+from aspd_kernels.reference import STRATEGIES
+
+FAMILIES = ("llama", "qwen2")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # two threads on a loaded 2-core machine make each tiny matmul spin for milliseconds
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    model = tiny_model(request.param, seed=FAMILIES.index(request.param))
+    return model, decoder(model)
+
+
+def _prompts(seed: int, k: int, prefix_len: int = 5) -> tuple[list[int], list[list[int]]]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(VOCAB) for _ in range(prefix_len)]
+    return prefix, [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 4))] for _ in range(k)]
+
+
+def _truncate(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def _pick_eos(alone: list[list[int]], step: int = 2) -> int:
+    """A token that branch 0 emits first at ``step``: it ends that branch early, others where they emit it."""
+    for a in alone:
+        for s in range(step, len(a) - 1):
+            if a[s] not in a[:s]:
+                return a[s]
+    raise AssertionError("no usable EOS candidate")
+
+
+def test_serial_path_equals_transformers_generate(pair):
+    model, dec = pair
+    prompt, _ = _prompts(1, 0, prefix_len=7)
+    res = dec.generate_serial(prompt, 12)
+    assert res.suffix == hf_greedy(model, prompt, 12, None)
+    assert res.forward_passes == 12  # the last token is sampled, never fed
+    assert res.sequence.tolist() == prompt + res.suffix
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 16])
+def test_branch_identity_with_eos(pair, k):
+    """Branch j of one sequence == prefix + branch_prompts[j] decoded alone (package serial path and transformers);
+    EOS ends branches at different steps; forward passes follow the longest branch."""
+    model, dec = pair
+    new = 6
+    prefix, prompts = _prompts(10 + k, k)
+    alone = [dec.generate_serial(prefix + p, new).suffix for p in prompts]
+    eos = _pick_eos(alone)
+    expect = [_truncate(a, eos) for a in alone]
+    res = dec.generate_branches(prefix, prompts, new, eos_token_id=eos)
+    assert res.branches == expect
+    if k > 1:
+        assert len({len(b) for b in expect}) > 1, "the chosen EOS should end branches at different steps"
+    for j in range(min(k, 4)):  # transformers on a few branches is enough and keeps the test fast
+        assert res.branches[j] == hf_greedy(model, prefix + prompts[j], new, eos)
+    longest = max(map(len, res.branches))
+    assert res.forward_passes == 1 + 1 + longest
+    if k > 1:
+        assert res.forward_passes < sum(map(len, res.branches))
+    # storage: the prefix, then the prompts contiguously, then one token per live branch per step
+    assert res.sequence[:len(prefix)].tolist() == prefix
+    n = len(prefix) + sum(map(len, prompts))
+    assert res.branch[len(prefix):n].tolist() == [j + 1 for j, p in enumerate(prompts) for _ in p]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_token_is_the_dense_argmax(pair, strategy):
+    """Every sampled token == argmax of a transformers forward over the final sequence with dense_mask() and the
+    remapped positions; the positions used are remap_positions of the final layout."""
+    model, dec = pair
+    prefix, prompts = _prompts(7, 4)
+    alone = [dec.generate_serial(prefix + p, 5).suffix for p in prompts]
+    eos = _pick_eos(alone, step=1)
+    res = dec.generate_branches(prefix, prompts, 5, eos_token_id=eos, suffix_ids=[11, 12],
+                                max_suffix_tokens=4, position_strategy=strategy)
+    width = None
+    if strategy == "fixed-length":
+        width = 5 + max(map(len, prompts))
+        assert res.width == [width]
+    assert torch.equal(res.positions, remap_positions(res.segment, res.branch, strategy, width=width))
+    logits = dense_logits(model, res)
+    pairs = predictor_rows(res)
+    assert len(pairs) == sum(map(len, res.branches)) + len(res.suffix)
+    for slot, row in pairs:
+        assert int(logits[row].argmax()) == int(res.sequence[slot]), (strategy, slot)
+    if strategy == "same-sequential":
+        assert res.branches == [_truncate(a, eos) for a in alone]
+    # suffix fed with the branches' last tokens: 1 + 1 + longest + (suffix tokens - 1)
+    assert res.forward_passes == 2 + max(map(len, res.branches)) + len(res.suffix) - 1
+
+
+def test_branches_are_isolated_and_the_suffix_sees_them_all(pair):
+    """Changing one branch's prompt leaves its siblings untouched but changes what the suffix is computed from."""
+    model, dec = pair
+    prefix, prompts = _prompts(3, 3)
+    a = dec.generate_branches(prefix, prompts, 4, suffix_ids=[1, 2, 3], max_suffix_tokens=3)
+    changed = prompts[:2] + [[(prompts[2][0] + 1) % VOCAB] + prompts[2][1:]]
+    b = dec.generate_branches(prefix, changed, 4, suffix_ids=[1, 2, 3], max_suffix_tokens=3)
+    assert a.branches[:2] == b.branches[:2]
+    row = lambda r: int(torch.nonzero(r.sampled).flatten()[-len(r.suffix)]) - 1  # noqa: E731  the last suffix id
+    la, lb = dense_logits(model, a)[row(a)], dense_logits(model, b)[row(b)]
+    assert not torch.allclose(la, lb)
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(pair):
+    _, dec = pair
+    prefix, prompts = _prompts(5, 3)
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9)
+    a = dec.generate_branches(prefix, prompts, 6, seed=123, **kw)
+    b = dec.generate_branches(prefix, prompts, 6, seed=123, **kw)
+    c = dec.generate_branches(prefix, prompts, 6, seed=7, **kw)
+    assert a.branches == b.branches
+    assert a.branches != c.branches
+    greedy = dec.generate_branches(prefix, prompts, 6)
+    assert dec.generate_branches(prefix, prompts, 6, temperature=1.3, top_k=1, seed=0).branches == greedy.branches
+
+
+def test_bad_requests_raise(pair):
+    _, dec = pair
+    with pytest.raises(ValueError, match="branch_prompts"):
+        dec.generate_branches([1, 2], [[3], []], 4)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        dec.generate_branches([1] * 400, [[3]] * 4, 40)
+    with pytest.raises(ValueError, match="width"):
+        dec.generate_branches([1], [[3, 4]], 4, position_strategy="fixed-length", width=5)
+    with pytest.raises(ValueError, match="suffix_ids"):
+        dec.generate_branches([1], [[3]], 2, max_suffix_tokens=2)
+    with pytest.raises(ValueError, match="prefix_ids"):
+        dec.generate_branches([VOCAB], [[3]], 2)
+    with pytest.raises(ValueError, match="position_strategy"):
+        dec.generate_branches([1], [[3]], 2, position_strategy="nope")

@@ -1,0 +1,89 @@
+// Host launchers of the decoding attention (no torch here: see launch.h). Kernel choice:
+//   fp16/bf16 with D in {64, 128}  -> decode_mma_kernel (tensor cores), split-KV + merge when the grid is small;
+//   anything else (fp32, fp64, other D <= 256) -> decode_generic_kernel.
+#include "branch_attention_with_kvcache/generic_kernel.cuh"
+#include "branch_attention_with_kvcache/merge_kernel.cuh"
+#include "branch_attention_with_kvcache/mma_kernel.cuh"
+#include "launch.h"
+
+namespace aspd {
+namespace {
+
+// Two stages hold D=128 CTAs at ~87 KB of shared memory, two per SM; D=64 affords a third stage at ~56 KB.
+template <int D> constexpr int stages_for() { return D == 64 ? 3 : 2; }
+
+int row_tiles_of(const DecodeParams& p) {
+  const int rows = p.lq * (p.hq / p.hkv);
+  return (rows + kMmaBM - 1) / kMmaBM;
+}
+
+template <typename T, int D> cudaError_t launch_mma(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int S = stages_for<D>();
+  constexpr size_t smem = MmaSmem<D, S>::kBytes;
+  auto kernel = decode_mma_kernel<T, D, S>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  const int row_tiles = row_tiles_of(p);
+  const dim3 grid(unsigned(p.hkv * p.num_splits * row_tiles), unsigned(p.batch));
+  kernel<<<grid, kMmaThreads, smem, stream>>>(p, row_tiles);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t rows = int64_t(p.batch) * p.lq * p.hq;
+  const unsigned blocks = unsigned((rows + kMergeWarps - 1) / kMergeWarps);
+  decode_merge_kernel<T, D><<<blocks, kMergeWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T> cudaError_t launch_generic(const DecodeParams& p, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.batch) * p.lq * p.hq;
+  const unsigned blocks = unsigned((rows + kGenericWarps - 1) / kGenericWarps);
+  decode_generic_kernel<T><<<blocks, kGenericWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool decode_uses_mma(DType dtype, int head_dim) {
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && (head_dim == 64 || head_dim == 128);
+}
+
+cudaError_t plan_decode(DecodeParams& p, int force_splits, int device) {
+  p.num_splits = 1;
+  if (!decode_uses_mma(p.dtype, p.head_dim)) return cudaSuccess;
+  if (force_splits > 0) {
+    p.num_splits = force_splits;
+    return cudaSuccess;
+  }
+  int sms = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  // Only shapes are known on the host (cache_seqlens stays on the device): size the splits for the capacity,
+  // aim at two CTAs per SM, and keep at least four 64-key tiles per split so that the partials stay small next
+  // to the KV bytes. Each CTA re-divides its own sequence's tiles among the splits on the device.
+  const int64_t ctas = int64_t(p.batch) * p.hkv * row_tiles_of(p);
+  const int64_t want = (2 * int64_t(sms) + ctas - 1) / ctas;
+  const int64_t cap_tiles = (int64_t(p.capacity) + kMmaBN - 1) / kMmaBN;
+  const int64_t most = cap_tiles / 4 > 1 ? cap_tiles / 4 : 1;
+  int64_t splits = want < most ? want : most;
+  if (splits > 128) splits = 128;
+  p.num_splits = splits < 1 ? 1 : static_cast<int>(splits);
+  return cudaSuccess;
+}
+
+cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.lq == 0 || p.hq == 0) return cudaSuccess;
+  if (decode_uses_mma(p.dtype, p.head_dim)) {
+    const bool half = p.dtype == DType::kFloat16;
+    if (p.head_dim == 64) return half ? launch_mma<__half, 64>(p, stream) : launch_mma<__nv_bfloat16, 64>(p, stream);
+    return half ? launch_mma<__half, 128>(p, stream) : launch_mma<__nv_bfloat16, 128>(p, stream);
+  }
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_generic<__half>(p, stream);
+    case DType::kBFloat16: return launch_generic<__nv_bfloat16>(p, stream);
+    case DType::kFloat32: return launch_generic<float>(p, stream);
+    case DType::kFloat64: return launch_generic<double>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace aspd

@@ -1,0 +1,247 @@
+"""``attn_implementation="aspd"``: ``branch_attention`` behind transformers' attention interface.
+
+Registered under one name with both registries transformers consults:
+
+- ``transformers.AttentionInterface``: the attention call of every layer (``aspd_attention_forward``);
+- ``transformers.masking_utils.AttentionMaskInterface``: the mask builder (``aspd_mask``). Without it,
+  ``create_causal_mask`` returns ``None`` for unknown implementations (``_preprocess_mask_arguments``), so a padding
+  ``attention_mask`` would silently vanish. Ours never builds an ``N x N`` mask: it returns the 2-D key validity
+  ``bool [B, kv_length]`` (``None`` when every key is valid), which the attention call uses to unpad.
+
+What reaches the attention call (transformers 5 passes the model's ``**kwargs`` down unchanged) and how it is read:
+
+=====================================  ==============================================================================
+``aspd_segment``, ``aspd_branch``      int ``[B, Lk]`` (or anything with ``B * Lk`` elements): section and branch id of
+                                       every key token. Absent: every token serial (segment 0, branch 0) = causal.
+``cu_seq_lens_q``, ``cu_seq_lens_k``   int ``[n + 1]``: the rows, flattened, hold ``n`` packed sequences (the names of
+                                       transformers' ``FlashAttentionKwargs`` and ``DataCollatorWithFlattening``).
+``max_length_q``, ``max_length_k``     the longest packed sequence (computed when absent).
+``position_ids``                       without a layout and without ``cu_seq_lens_*``, a restart (a step other than
+                                       +1) starts a new packed sequence (FlashAttention-2's behaviour; the eager
+                                       and SDPA masks do it only without a KV cache).
+``aspd_check_values``                  run the value checks of ``branch_attention`` (default: in layer 0 only).
+``aspd_backend``                       force a backend ("torch", "triton", "cuda").
+=====================================  ==============================================================================
+
+Without ``cu_seq_lens_*`` every row is one sequence. Queries are the last ``Lq`` keys of their row (a KV cache adds
+keys in front), so ``generate`` works with the default causal layout. A 2-D padding mask (left or right padding,
+static-cache slots) is honoured by gathering the valid tokens; padded query rows come back as zeros. Refused with an
+error: a 4-D or block mask, a padding mask together with ``cu_seq_lens_*``, attention dropout, soft-capping, sinks,
+non-causal attention and a sliding window shorter than the keys.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..branch_attention import branch_attention
+
+NAME = "aspd"
+
+_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+
+
+def register(name: str = NAME) -> None:
+    """Register ``name`` with ``AttentionInterface`` and ``AttentionMaskInterface`` (done on import of
+    ``aspd_kernels.hf``; call again to add another name). Afterwards ``from_pretrained(...,
+    attn_implementation=name)`` and ``model.set_attn_implementation(name)`` select the branch attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, aspd_attention_forward)
+    AttentionMaskInterface.register(name, aspd_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------- mask
+def aspd_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0, mask_function=None,
+              attention_mask: Tensor | None = None, device=None, **kwargs) -> Tensor | None:
+    """The mask builder transformers calls once per forward. Returns the key validity ``bool [B, kv_length]``, or
+    ``None`` when every key slot holds a token. ``mask_function`` (causal, packed-sequence) is not evaluated: the
+    branch layout and ``cu_seq_lens_*`` travel to the attention call instead."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return attention_mask  # a prepared 4-D mask: the attention call refuses it with a message
+    if attention_mask is not None:
+        valid = attention_mask.to(device=device, dtype=torch.bool)
+        n = valid.shape[-1]
+        if n > kv_length:
+            valid = valid[:, n - kv_length:]
+        elif n < kv_length:
+            # a static cache: slots after the tokens seen so far are empty
+            valid = torch.nn.functional.pad(valid, (0, kv_length - n), value=False)
+        elif bool(valid.all()):
+            return None
+        return valid.expand(batch_size, -1) if valid.shape[0] == 1 else valid
+    # no mask: only a static cache leaves empty slots (transformers <= 5.x passed cache_position, later q_offset)
+    cache_position = kwargs.get("cache_position")
+    end = cache_position[-1] + 1 if cache_position is not None else (q_offset or 0) + q_length
+    if isinstance(end, int) and end >= kv_length:
+        return None
+    slots = torch.arange(kv_length, device=device)
+    return (slots < end).expand(batch_size, -1)
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+def aspd_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                           **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention signature: ``query [B, Hq, Lq, D]``, ``key, value [B, Hkv, Lk, D]`` (GQA heads
+    not repeated), ``attention_mask`` from :func:`aspd_mask`. Returns ``out [B, Lq, Hq, D]`` and ``None`` weights.
+    Differentiable in query, key and value."""
+    _refuse_unsupported(module, key.shape[2], dropout, kwargs)
+    bsz, hq, lq, d = query.shape
+    lk = key.shape[2]
+    dev = query.device
+    q = query.transpose(1, 2)  # [B, Lq, Hq, D]
+    k = key.transpose(1, 2)
+    v = value.transpose(1, 2)
+    segment, branch = _layout(kwargs, bsz, lk, dev)
+    check = kwargs.get("aspd_check_values", getattr(module, "layer_idx", 0) in (0, None))
+    backend = kwargs.get("aspd_backend")
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+        raise ValueError(
+            f"attn_implementation='aspd' cannot honour a {attention_mask.dim()}-D attention mask: pass the branch "
+            "layout as aspd_segment / aspd_branch (and packed sequences as cu_seq_lens_q / cu_seq_lens_k), and "
+            "padding as a 2-D attention_mask"
+        )
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if attention_mask is not None:
+            raise ValueError(
+                "attn_implementation='aspd': packed rows (cu_seq_lens_q / cu_seq_lens_k) carry no padding; drop the "
+                "2-D attention_mask"
+            )
+        cu_q = (cu_q if cu_q is not None else cu_k).to(device=dev, dtype=torch.int32)
+        cu_k = (cu_k if cu_k is not None else cu_q).to(device=dev, dtype=torch.int32)
+        max_q = _max_len(kwargs.get("max_length_q"), cu_q)
+        max_k = _max_len(kwargs.get("max_length_k"), cu_k)
+        return _packed(q, k, v, segment, branch, cu_q, cu_k, max_q, max_k, scaling, check, backend), None
+
+    if attention_mask is not None:
+        return _unpadded(q, k, v, segment, branch, attention_mask, scaling, check, backend), None
+
+    if segment is None and lq == lk and lq > 1:
+        cu = _restarts(kwargs.get("position_ids"), bsz, lq)
+        if cu is not None:
+            cu = cu.to(dev)
+            m = _max_len(None, cu)
+            return _packed(q, k, v, None, None, cu, cu, m, m, scaling, check, backend), None
+    cu_q = torch.arange(0, (bsz + 1) * lq, lq, dtype=torch.int32, device=dev)
+    cu_k = torch.arange(0, (bsz + 1) * lk, lk, dtype=torch.int32, device=dev)
+    return _packed(q, k, v, segment, branch, cu_q, cu_k, lq, lk, scaling, check, backend), None
+
+
+def _packed(q, k, v, segment, branch, cu_q, cu_k, max_q, max_k, scale, check, backend) -> Tensor:
+    """Rows flattened into one packed batch described by ``cu_q, cu_k``."""
+    bsz, lq, hq, d = q.shape
+    total_k = k.shape[0] * k.shape[1]
+    if segment is None:
+        segment = branch = torch.zeros(total_k, dtype=torch.int32, device=q.device)
+    out = branch_attention(
+        q.reshape(bsz * lq, hq, d), k.reshape(total_k, *k.shape[2:]), v.reshape(total_k, *v.shape[2:]),
+        segment.reshape(-1), branch.reshape(-1), cu_q, cu_k, max_q, max_k, scale,
+        check_values=check, backend=backend,
+    )
+    return out.view(bsz, lq, hq, -1)
+
+
+def _unpadded(q, k, v, segment, branch, valid_k, scale, check, backend) -> Tensor:
+    """Gather the valid tokens of every row (FlashAttention's unpadding). Queries are the last ``Lq`` key slots,
+    so the valid queries of a row are the last of its valid keys: bottom-right alignment still holds."""
+    bsz, lq, hq, d = q.shape
+    lk = k.shape[1]
+    if valid_k.shape != (bsz, lk):
+        raise ValueError(f"attention_mask: expected a 2-D mask of shape {(bsz, lk)}, got {tuple(valid_k.shape)}")
+    valid_q = valid_k[:, lk - lq:]
+    len_q, len_k = valid_q.sum(1, dtype=torch.int32), valid_k.sum(1, dtype=torch.int32)
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu_q, cu_k = torch.cat([zero, len_q.cumsum(0, dtype=torch.int32)]), torch.cat([zero, len_k.cumsum(0, dtype=torch.int32)])
+    max_q, max_k = int(len_q.max()), int(len_k.max())
+    if segment is None:
+        seg = br = torch.zeros(int(cu_k[-1]), dtype=torch.int32, device=q.device)
+    else:
+        seg, br = segment[valid_k], branch[valid_k]
+    packed = branch_attention(
+        q[valid_q], k[valid_k], v[valid_k], seg, br, cu_q, cu_k, max_q, max_k, scale,
+        check_values=check, backend=backend,
+    )
+    out = q.new_zeros(bsz, lq, hq, packed.shape[-1])
+    out[valid_q] = packed
+    return out
+
+
+def _layout(kwargs: dict, bsz: int, lk: int, dev) -> tuple[Tensor | None, Tensor | None]:
+    """``aspd_segment`` / ``aspd_branch`` as int32 ``[B, Lk]`` on ``dev``, or ``(None, None)``."""
+    segment, branch = kwargs.get("aspd_segment"), kwargs.get("aspd_branch")
+    if segment is None and branch is None:
+        return None, None
+    if segment is None or branch is None:
+        raise ValueError("attn_implementation='aspd': pass aspd_segment and aspd_branch together")
+    out = []
+    for name, t in (("aspd_segment", segment), ("aspd_branch", branch)):
+        t = torch.as_tensor(t, device=dev)
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {t.dtype}")
+        if t.numel() != bsz * lk:
+            raise ValueError(
+                f"{name}: expected one id per key token ({bsz} x {lk} = {bsz * lk}), got shape {tuple(t.shape)}; "
+                "with a KV cache the layout must cover the cached tokens too"
+            )
+        out.append(t.reshape(bsz, lk).to(torch.int32))
+    return out[0], out[1]
+
+
+def _refuse_unsupported(module, lk: int, dropout: float, kwargs: dict) -> None:
+    if dropout:
+        raise NotImplementedError(f"attn_implementation='aspd' has no attention dropout (got p={dropout})")
+    for name in _UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attn_implementation='aspd' does not support {name}")
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise NotImplementedError("attn_implementation='aspd' is causal only (got is_causal=False)")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < lk:
+        raise NotImplementedError(
+            f"attn_implementation='aspd' has no sliding window (window {window} < {lk} keys in this layer)"
+        )
+
+
+# ----------------------------------------------------------------------- host reads, once per forward not per layer
+_memo: dict[str, tuple] = {}
+
+
+def _cached(tag: str, t: Tensor, fn):
+    """``fn(t)`` remembered for the last tensor seen under ``tag``: every layer of one forward passes the same
+    ``position_ids`` / ``cu_seq_lens`` object, so the device read happens once. The strong reference keeps the
+    identity check sound; ``_version`` catches in-place edits."""
+    key = (id(t), t._version)
+    hit = _memo.get(tag)
+    if hit is not None and hit[0] is t and hit[1] == key:
+        return hit[2]
+    value = fn(t)
+    _memo[tag] = (t, key, value)
+    return value
+
+
+def _max_len(given, cu: Tensor) -> int:
+    if given is not None:
+        return int(given)
+    return _cached("max_len", cu, lambda c: int(c.diff().max()) if c.numel() > 1 else 0)
+
+
+def _restarts(position_ids: Tensor | None, bsz: int, length: int) -> Tensor | None:
+    """int32 cu_seqlens of the sequences packed in the rows, from restarts of ``position_ids`` (a step other than
+    +1, the rule of transformers' ``find_packed_sequence_indices``); ``None`` when every row is one sequence."""
+    if position_ids is None or position_ids.shape[-1] != length:
+        return None
+
+    def find(pos: Tensor):
+        pos = pos.reshape(-1, length).expand(bsz, length)
+        starts = torch.ones(bsz, length, dtype=torch.bool, device=pos.device)
+        starts[:, 1:] = pos.diff(dim=-1) != 1
+        if int(starts.sum()) == bsz:
+            return None
+        idx = starts.reshape(-1).nonzero().reshape(-1).to(torch.int32)
+        return torch.cat([idx, idx.new_tensor([bsz * length])])
+
+    return _cached(f"restarts{bsz}", position_ids, find)

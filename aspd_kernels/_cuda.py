@@ -2,13 +2,20 @@
 
 Importing ``_C`` registers the CUDA kernels (``csrc/``) as ``torch.ops.aspd.cuda_*``; this module adapts them to
 the backend contract of ``_dispatch``. Without the extension (CPU wheels, no nvcc), ``available()`` is False and
-``backend="auto"`` falls back to Triton on CUDA tensors.
+``backend="auto"`` falls back to Triton on CUDA tensors. With ``ASPD_JIT=1`` a missing extension is built from
+``csrc/`` on first import (``_jit.load_extension``, ninja).
+
+Kernels: the decoding attention runs on tensor cores for fp16/bf16 with head size 64 or 128 and on a generic
+warp-per-row kernel otherwise (float32, float64, head sizes up to 256); prefill attention stays in Triton.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+from torch import Tensor
+
+from .reference import STRATEGIES
 
 _error: str | None = None
 try:
@@ -16,10 +23,13 @@ try:
 except ImportError as exc:  # the extension is optional
     _error = str(exc)
     if os.environ.get("ASPD_JIT") == "1" and torch.cuda.is_available():
-        from ._jit import load_extension
+        try:
+            from ._jit import load_extension
 
-        load_extension()
-        _error = None
+            load_extension()
+            _error = None
+        except Exception as jit_exc:  # a failed JIT build leaves the other backends usable
+            _error = f"JIT build failed: {jit_exc}"
 
 
 def available() -> bool:
@@ -29,3 +39,31 @@ def available() -> bool:
 def load_error() -> str | None:
     """Why the extension is missing (None when it loaded)."""
     return _error
+
+
+def branch_attention_with_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, segment: Tensor, branch: Tensor,
+    q_seqlens: Tensor, block_table: Tensor | None, softmax_scale: float, num_splits: int = 0,
+) -> Tensor:
+    """``out [B, Lq, Hq, D]`` (q's dtype). ``num_splits`` 0 lets the host heuristic choose the KV split count
+    (from shapes and the SM count only, so the op can be captured in a CUDA graph); > 0 forces it."""
+    return torch.ops.aspd.cuda_decode_attention(
+        q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table, float(softmax_scale), num_splits
+    )
+
+
+def rope_append_kv(
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin_cache: Tensor, k_cache: Tensor, v_cache: Tensor,
+    segment_cache: Tensor, branch_cache: Tensor, cache_seqlens: Tensor, segment: Tensor, branch: Tensor,
+    q_seqlens: Tensor, block_table: Tensor | None,
+) -> Tensor:
+    """Rotated q ``[B, L, Hq, D]``; writes rotated k, v, segment, branch into the caches (one launch)."""
+    return torch.ops.aspd.cuda_rope_append_kv(
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, segment_cache, branch_cache, cache_seqlens, segment,
+        branch, q_seqlens, block_table,
+    )
+
+
+def remap_positions(segment: Tensor, branch: Tensor, cu_seqlens: Tensor, strategy: str, width: int | None) -> Tensor:
+    """int32 ``[N]`` positions (SPEC section 3); one warp per sequence, one launch."""
+    return torch.ops.aspd.cuda_remap_positions(segment, branch, cu_seqlens, STRATEGIES.index(strategy), width or 0)

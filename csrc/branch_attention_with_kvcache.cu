@@ -1,6 +1,7 @@
 // Host launchers of the decoding attention (no torch here: see launch.h). Kernel choice:
 //   fp16/bf16 with D in {64, 128}  -> decode_mma_kernel (tensor cores), split-KV + merge when the grid is small;
-//   anything else (fp32, fp64, other D <= 256) -> decode_generic_kernel.
+//   anything else (fp32, fp64, other D <= 256, k/v views whose rows are not 16-byte aligned)
+//   -> decode_generic_kernel.
 #include "branch_attention_with_kvcache/generic_kernel.cuh"
 #include "branch_attention_with_kvcache/merge_kernel.cuh"
 #include "branch_attention_with_kvcache/mma_kernel.cuh"
@@ -43,13 +44,14 @@ template <typename T> cudaError_t launch_generic(const DecodeParams& p, cudaStre
 
 }  // namespace
 
-bool decode_uses_mma(DType dtype, int head_dim) {
-  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && (head_dim == 64 || head_dim == 128);
+bool decode_uses_mma(const DecodeParams& p) {
+  return p.aligned && (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) &&
+         (p.head_dim == 64 || p.head_dim == 128);
 }
 
 cudaError_t plan_decode(DecodeParams& p, int force_splits, int device) {
   p.num_splits = 1;
-  if (!decode_uses_mma(p.dtype, p.head_dim)) return cudaSuccess;
+  if (!decode_uses_mma(p)) return cudaSuccess;
   if (force_splits > 0) {
     p.num_splits = force_splits;
     return cudaSuccess;
@@ -72,7 +74,7 @@ cudaError_t plan_decode(DecodeParams& p, int force_splits, int device) {
 
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.lq == 0 || p.hq == 0) return cudaSuccess;
-  if (decode_uses_mma(p.dtype, p.head_dim)) {
+  if (decode_uses_mma(p)) {
     const bool half = p.dtype == DType::kFloat16;
     if (p.head_dim == 64) return half ? launch_mma<__half, 64>(p, stream) : launch_mma<__nv_bfloat16, 64>(p, stream);
     return half ? launch_mma<__half, 128>(p, stream) : launch_mma<__nv_bfloat16, 128>(p, stream);

@@ -34,6 +34,7 @@ struct DecodeParams {
   int num_splits;       // filled by plan_decode
   float softmax_scale;
   DType dtype;
+  bool aligned;         // k/v pointers and strides allow 16-byte copies (else the generic kernel runs)
 };
 
 // Chooses the kernel and the number of KV splits from shapes and the SM count only (never from device values,
@@ -42,8 +43,8 @@ struct DecodeParams {
 // Returns the error of the attribute queries, if any.
 cudaError_t plan_decode(DecodeParams& p, int force_splits, int device);
 
-// Whether (dtype, head_dim) runs on the tensor-core kernel (else the generic warp-per-row kernel).
-bool decode_uses_mma(DType dtype, int head_dim);
+// Whether these inputs run on the tensor-core kernel (else the generic warp-per-row kernel).
+bool decode_uses_mma(const DecodeParams& p);
 
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);
 

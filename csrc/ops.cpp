@@ -45,6 +45,16 @@ void check_last_dim(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.stride(-1) == 1, "aspd::", op, ": ", name, " must have a contiguous last dimension");
 }
 
+// 16-byte copies of whole rows need 16-byte aligned rows: base pointer and every outer stride.
+bool rows_aligned16(const at::Tensor& t) {
+  const int64_t elems = 16 / static_cast<int64_t>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {
+    if (t.stride(i) % elems != 0) return false;
+  }
+  return true;
+}
+
 int as_int(int64_t x, const char* op, const char* what) {
   TORCH_CHECK_VALUE(x >= 0 && x <= INT32_MAX, "aspd::", op, ": ", what, " does not fit in int32");
   return static_cast<int>(x);
@@ -53,12 +63,14 @@ int as_int(int64_t x, const char* op, const char* what) {
 // q [B, Lq, Hq, D]; k_cache, v_cache [B, Ncap, Hkv, D] or paged [num_blocks, block_size, Hkv, D];
 // cache_seqlens, q_seqlens int32 [B]; segment, branch int32 [k_cache.shape[0], k_cache.shape[1]];
 // block_table int32 [B, max_blocks] or None. num_splits: 0 chooses, > 0 forces (tests).
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& cache_seqlens, const at::Tensor& segment, const at::Tensor& branch,
                             const at::Tensor& q_seqlens, const std::optional<at::Tensor>& block_table,
                             double softmax_scale, int64_t num_splits) {
   constexpr const char* op = "cuda_decode_attention";
-  check_tensor(q, op, "q", 4, q);
+  check_tensor(q_in, op, "q", 4, q_in);
+  // q is small: a misaligned view is copied rather than sent to the slow kernel
+  const at::Tensor q = rows_aligned16(q_in) ? q_in : q_in.clone(at::MemoryFormat::Contiguous);
   check_tensor(k_cache, op, "k_cache", 4, q);
   check_tensor(v_cache, op, "v_cache", 4, q);
   TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
@@ -120,6 +132,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.capacity = as_int(int64_t(p.page_size) * p.max_pages, op, "the cache capacity");
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.dtype = dtype_of(q, op);
+  p.aligned = rows_aligned16(k_cache) && rows_aligned16(v_cache);
+  TORCH_CHECK_VALUE(bsz <= 65535, "aspd::", op, ": B must be <= 65535 (grid limit)");
   TORCH_CHECK_VALUE(num_splits >= 0 && num_splits <= 1024, "aspd::", op, ": num_splits must lie in [0, 1024]");
   if (out.numel() == 0) return out;
   check_cuda(plan_decode(p, static_cast<int>(num_splits), q.get_device()), op, "plan");

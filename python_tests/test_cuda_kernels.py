@@ -1,0 +1,261 @@
+"""The CUDA C++ backend (csrc/, ``aspd_kernels._C``) against the float64 reference, on a GPU.
+
+Skipped, with the reason printed (``pytest -rs``), where there is no CUDA device or the extension is not built
+(``pip install --no-build-isolation -e .`` with a CUDA torch and nvcc, or ``ASPD_JIT=1``).
+Outputs are poisoned: the allocator's free blocks are filled with NaN before each call, so a row the kernel
+forgets to write comes back NaN; unused cache slots hold NaN (``make_cache``), so a kernel that reads past
+``cache_seqlens`` produces NaN.
+"""
+import math
+
+import pytest
+import torch
+from kv_helpers import make_cache
+from layouts import random_batch
+
+from aspd_kernels import branch_attention_with_kvcache, remap_positions, rope_append_kv, rope_cos_sin_cache
+from aspd_kernels import _cuda, _dispatch
+from aspd_kernels import reference as R
+
+
+def _why_skip() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device: the CUDA kernels need a GPU"
+    if not _cuda.available():
+        return f"the CUDA extension aspd_kernels._C is not built ({_cuda.load_error()})"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=_why_skip() or "")
+
+DEV = "cuda"
+TOL = {torch.bfloat16: 2.5e-2, torch.float16: 4e-3, torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def poison_allocator(mib: int = 64) -> None:
+    """Leave all-ones bytes (NaN in fp16, bf16, fp32 and fp64) in the caching allocator's free blocks, so that
+    an output element the kernel forgets to write shows up as NaN."""
+    junk = torch.full((mib << 19,), -1, dtype=torch.int16, device=DEV)
+    del junk
+
+
+def to_dev(cache: dict) -> dict:
+    return {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in cache.items()}
+
+
+def reference(cache, q, q_seqlens, scale=None):
+    k, v, seg, br = cache["logical"]
+    return R.branch_attention_with_kvcache(q.double().cpu(), k.double(), v.double(), cache["cache_seqlens"], seg, br,
+                                           softmax_scale=scale, q_seqlens=q_seqlens)
+
+
+def run_cuda(cache, q, q_seqlens, num_splits=0, scale=None):
+    dc = to_dev(cache)
+    poison_allocator()
+    if num_splits:  # the backend function directly, to force the split-KV + merge path on small inputs
+        qs = q_seqlens.to(DEV) if q_seqlens is not None else torch.full((q.shape[0],), q.shape[1], dtype=torch.int32,
+                                                                       device=DEV)
+        return _cuda.branch_attention_with_kvcache(
+            q.to(DEV), dc["k_cache"], dc["v_cache"], dc["cache_seqlens"], dc["segment"], dc["branch"], qs,
+            dc["block_table"], scale or 1.0 / math.sqrt(q.shape[-1]), num_splits)
+    return branch_attention_with_kvcache(
+        q.to(DEV), dc["k_cache"], dc["v_cache"], dc["cache_seqlens"], dc["segment"], dc["branch"],
+        softmax_scale=scale, q_seqlens=None if q_seqlens is None else q_seqlens.to(DEV),
+        block_table=dc["block_table"], backend="cuda")
+
+
+def check(out, ref, q_seqlens, dtype):
+    out = out.cpu()
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all(), "NaN/inf: an unwritten row or a read past cache_seqlens"
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref.double(), atol=tol, rtol=tol)
+    if q_seqlens is not None:
+        for b, n in enumerate(q_seqlens.tolist()):
+            assert (out[b, n:] == 0).all(), "padding rows must be zeros"
+
+
+def ragged(lq: int, lens: torch.Tensor) -> torch.Tensor:
+    want = [lq, max(lq // 2, 1), 0, max(lq - 3, 1)][: lens.numel()]
+    return torch.minimum(torch.tensor(want, dtype=torch.int32), lens)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (28, 4)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("lq", [1, 2, 7, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_vs_reference(dtype, lq, d, hq, hkv, paged):
+    seed = lq * 131 + d + hq * 7 + paged
+    cache = make_cache(seed, batch=4, hkv=hkv, d=d, dtype=dtype, paged=paged, block_size=16, max_tokens=300,
+                       extra=lq + 29)
+    q_seqlens = ragged(lq, cache["cache_seqlens"])
+    q = torch.randn(4, lq, hq, d).to(dtype)
+    check(run_cuda(cache, q, q_seqlens), reference(cache, q, q_seqlens), q_seqlens, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_forced_splits(dtype, paged, num_splits):
+    """Split-KV + merge on short caches: some splits are empty, some rows see nothing in a split."""
+    cache = make_cache(17 + num_splits, batch=3, hkv=2, d=128, dtype=dtype, paged=paged, block_size=32,
+                       max_tokens=400, extra=40)
+    q_seqlens = ragged(16, cache["cache_seqlens"])
+    q = torch.randn(3, 16, 8, 128).to(dtype)
+    check(run_cuda(cache, q, q_seqlens, num_splits=num_splits), reference(cache, q, q_seqlens), q_seqlens, dtype)
+
+
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_generic_kernel(dtype, d):
+    """float32/float64 and head sizes off the tensor-core path go to the warp-per-row kernel."""
+    cache = make_cache(d, batch=3, hkv=2, d=d, dtype=dtype, paged=d == 96, max_tokens=200)
+    q_seqlens = ragged(7, cache["cache_seqlens"])
+    q = torch.randn(3, 7, 6, d, dtype=dtype)
+    check(run_cuda(cache, q, q_seqlens, scale=0.3), reference(cache, q, q_seqlens, scale=0.3), q_seqlens, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_default_q_seqlens_and_strided_q(dtype):
+    cache = make_cache(3, batch=2, hkv=2, d=64, dtype=dtype, max_tokens=120)
+    big = torch.randn(2, 5, 8, 3 * 64).to(dtype)
+    q = big[..., 64:128]  # last dim contiguous, other strides not
+    out = run_cuda(cache, q, None)
+    check(out, reference(cache, q, None), None, dtype)
+
+
+def test_decode_long_cache_128k():
+    """One sequence of 128k slots: a serial prefix, then 16 interleaved branches decoding their 16 new tokens."""
+    torch.manual_seed(1)
+    dtype, hq, hkv, d, k_branches = torch.bfloat16, 8, 2, 128, 16
+    prefix, per_branch = 131072 - 16 * 40, 40
+    n = prefix + k_branches * per_branch
+    seg = torch.cat([torch.zeros(prefix, dtype=torch.int32), torch.ones(n - prefix, dtype=torch.int32)])
+    br = torch.cat([torch.zeros(prefix, dtype=torch.int32),
+                    torch.arange(1, k_branches + 1, dtype=torch.int32).repeat(per_branch)])
+    cap = n + 64
+    k = torch.full((1, cap, hkv, d), float("nan"), dtype=dtype, device=DEV)
+    v = torch.full_like(k, float("nan"))
+    k[0, :n] = torch.randn(n, hkv, d, device=DEV).to(dtype)
+    v[0, :n] = torch.randn(n, hkv, d, device=DEV).to(dtype)
+    segc = torch.full((1, cap), -7, dtype=torch.int32, device=DEV)
+    brc = segc.clone()
+    segc[0, :n], brc[0, :n] = seg.to(DEV), br.to(DEV)
+    lens = torch.tensor([n], dtype=torch.int32, device=DEV)
+    q = torch.randn(1, k_branches, hq, d, device=DEV).to(dtype)
+    poison_allocator()
+    out = branch_attention_with_kvcache(q, k, v, lens, segc, brc, backend="cuda")
+    # the tiled torch backend in float64 is the yardstick here (the dense reference would need an N x N mask)
+    ref = branch_attention_with_kvcache(q.double(), k.double(), v.double(), lens, segc, brc, backend="torch")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_decode_unchecked_lengths_are_clamped():
+    """cache_seqlens beyond capacity and q_seqlens beyond Lq, unchecked: no out-of-bounds access, no error."""
+    cache = to_dev(make_cache(9, batch=2, hkv=2, d=64, dtype=torch.float16, max_tokens=100))
+    cap = cache["k_cache"].shape[1]
+    lens = torch.tensor([cap + 1000, -5], dtype=torch.int32, device=DEV)
+    q = torch.randn(2, 4, 4, 64, device=DEV, dtype=torch.float16)
+    out = branch_attention_with_kvcache(q, cache["k_cache"], cache["v_cache"], lens, cache["segment"],
+                                        cache["branch"], q_seqlens=torch.tensor([9, 2], dtype=torch.int32,
+                                                                                device=DEV),
+                                        check_values=False, backend="cuda")
+    torch.cuda.synchronize()
+    assert (out[1] == 0).all()  # a negative length clamps to an empty sequence
+
+
+def test_decode_cuda_graph_capture():
+    dtype = torch.bfloat16
+    raw = make_cache(21, batch=3, hkv=2, d=128, dtype=dtype, paged=True, max_tokens=250)
+    cache = to_dev(raw)
+    q_seqlens = ragged(4, raw["cache_seqlens"]).to(DEV)
+    q = torch.randn(3, 4, 8, 128, device=DEV).to(dtype)
+
+    def step():
+        return branch_attention_with_kvcache(q, cache["k_cache"], cache["v_cache"], cache["cache_seqlens"],
+                                             cache["segment"], cache["branch"], q_seqlens=q_seqlens,
+                                             block_table=cache["block_table"], check_values=False, backend="cuda")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture (kernel attributes, allocator pools)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    q.copy_(torch.randn_like(q))  # new inputs in the captured buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, step(), atol=0, rtol=0)
+    check(static_out, reference(raw, q.cpu(), q_seqlens.cpu()), q_seqlens.cpu(), dtype)
+
+
+def test_auto_picks_cuda():
+    assert _dispatch.resolve("branch_attention_with_kvcache", torch.device(DEV)) == "cuda"
+    assert _dispatch.resolve("rope_append_kv", torch.device(DEV)) == "cuda"
+    assert _dispatch.resolve("remap_positions", torch.device(DEV)) == "cuda"
+
+
+def _inv_freq(rot_dim, base=10000.0):
+    return 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+
+
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("rot_dim,d", [(128, 128), (64, 128), (64, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rope_append_kv_vs_reference(dtype, rot_dim, d, paged, pos_dtype):
+    bsz, lq, hq, hkv = 3, 7, 8, 2
+    cache = make_cache(5 + paged + d, batch=bsz, hkv=hkv, d=d, dtype=dtype, paged=paged, extra=12)
+    q_seqlens = torch.tensor([7, 3, 0], dtype=torch.int32)
+    after = cache["cache_seqlens"] + q_seqlens
+    q = torch.randn(bsz, lq, hq, d).to(dtype)
+    k = torch.randn(bsz, lq, hkv, d).to(dtype)
+    v = torch.randn(bsz, lq, hkv, d).to(dtype)
+    pos = torch.randint(0, 4000, (bsz, lq)).to(pos_dtype)
+    seg = torch.full((bsz, lq), 60, dtype=torch.int32)
+    br = torch.randint(1, 5, (bsz, lq), dtype=torch.int32)
+    csc = rope_cos_sin_cache(_inv_freq(rot_dim), 4096)
+    names = ("k_cache", "v_cache", "segment", "branch")
+    ref_caches = [cache[n].clone() for n in names]
+    ref_q = R.rope_append_kv(q, k, v, pos, csc, *ref_caches, after, seg, br, q_seqlens=q_seqlens,
+                             block_table=cache["block_table"])
+    dev_caches = [cache[n].to(DEV) for n in names]
+    poison_allocator()
+    q_rot = rope_append_kv(q.to(DEV), k.to(DEV), v.to(DEV), pos.to(DEV), csc.to(DEV), *dev_caches, after.to(DEV),
+                           seg.to(DEV), br.to(DEV), q_seqlens=q_seqlens.to(DEV),
+                           block_table=None if cache["block_table"] is None else cache["block_table"].to(DEV),
+                           backend="cuda")
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    # one rounding of the fp32 result vs the reference's rounding of its float64 result: one ulp apart at most
+    torch.testing.assert_close(q_rot.cpu().double(), ref_q.double(), atol=tol, rtol=tol)
+    for got, ref in zip(dev_caches, ref_caches):
+        torch.testing.assert_close(got.cpu().double(), ref.double(), atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("width", [None, 5])
+@pytest.mark.parametrize("strategy", R.STRATEGIES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_remap_positions_vs_reference(seed, strategy, width):
+    if width is not None and strategy != "fixed-length":
+        pytest.skip("width only matters for fixed-length")
+    seg, br, cu = random_batch(seed, batch=5, max_tokens=700)
+    ref = R.remap_positions(seg, br, strategy, cu, width)
+    got = remap_positions(seg.to(DEV), br.to(DEV), strategy, cu.to(DEV), width, backend="cuda")
+    assert got.dtype == torch.int32
+    torch.testing.assert_close(got.cpu(), ref, atol=0, rtol=0)
+
+
+def test_remap_positions_large_branch_ids_and_long_sections():
+    """Branch ids beyond the shared-memory table (1024) take the global-count path; sections span many chunks."""
+    seg = torch.tensor([0] * 70 + [1] * 300 + [2] * 5, dtype=torch.int32)
+    ids = torch.tensor([3, 2000, 7, 1500], dtype=torch.int32)
+    br = torch.cat([torch.zeros(70, dtype=torch.int32), ids[torch.randint(0, 4, (300,))],
+                    torch.zeros(5, dtype=torch.int32)])
+    for strategy in R.STRATEGIES:
+        ref = R.remap_positions(seg, br, strategy)
+        got = remap_positions(seg.to(DEV), br.to(DEV), strategy, check_values=False, backend="cuda")
+        torch.testing.assert_close(got.cpu(), ref, atol=0, rtol=0)

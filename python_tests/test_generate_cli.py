@@ -1,0 +1,82 @@
+"""``python -m aspd_kernels.generate`` on a tiny random model saved with save_pretrained and a word-level tokenizer
+built offline."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_decoder_helpers import VOCAB, tiny_model, transformers
+
+from aspd_kernels.tokens import TOKEN_STRINGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("tiny")
+    vocab = {"[UNK]": 0, "<eos>": 1}
+    vocab.update({f"w{i}": i for i in range(2, 290)})
+    vocab.update({t: 290 + i for i, t in enumerate(TOKEN_STRINGS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>",
+                                                additional_special_tokens=list(TOKEN_STRINGS))
+    fast.save_pretrained(path)
+    # llama: transformers 5 maps a qwen2 config to its own Qwen2Tokenizer, which ignores a word-level tokenizer.json
+    model = tiny_model("llama", seed=4, vocab_size=VOCAB)
+    model.save_pretrained(path)
+    return path, model
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "aspd_kernels.generate", *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=ROOT)
+
+
+def test_cli_branches(model_dir):
+    path, model = model_dir
+    out = _cli("--model", str(path), "--prompt", "w5 w17 w33", "--branches", "w7 w8", "w9", "w10 w11 w12",
+               "--max-new-tokens", "4", "--suffix", "w3 w4", "--suffix-tokens", "2", "--device", "cpu",
+               "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "== parallel section 0 (3 branches)" in text
+    for j in (1, 2, 3):
+        assert f"[branch {j}]" in text
+    # forward passes: prefix + branch prefill + longest branch (4) + one suffix step
+    line = next(ln for ln in text.splitlines() if ln.startswith("forward passes"))
+    assert int(line.split()[-1]) == 7
+    assert "tokens/s" in text and "time" in text
+    assert "decoding" in out.stderr  # the progress bar
+    # the printed branches are the model's greedy continuations of prefix + branch prompt alone
+    first = next(ln for ln in text.splitlines() if ln.startswith("[branch 1]"))
+    ids = [5, 17, 33, 7, 8]
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=1,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    words = " ".join("<eos>" if t == 1 else (TOKEN_STRINGS[t - 290] if t >= 290 else f"w{t}") for t in gen)
+    assert first.endswith(repr(words))
+
+
+def test_cli_aspd_mode_and_errors(model_dir, capsys):
+    """In-process (the subprocess above already covers ``-m``): model-driven mode, sampled, and a usage error."""
+    from aspd_kernels.generate import main
+
+    path, _ = model_dir
+    assert main(["--model", str(path), "--prompt", "w5 w6", "--aspd", "--max-new-tokens", "6", "--device", "cpu",
+                 "--no-progress", "--temperature", "0.8", "--top-k", "50", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "== after the section:" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("tokens generated"))
+    assert int(line.split()[2]) == 6  # no title in a random model's output: six serial tokens
+    with pytest.raises(SystemExit):
+        main(["--model", str(path), "--prompt", "w5"])
+    assert "--branches" in capsys.readouterr().err

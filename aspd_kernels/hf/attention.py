@@ -152,13 +152,9 @@ def _unpadded(q, k, v, segment, branch, valid_k, scale, check, backend) -> Tenso
     lk = k.shape[1]
     if valid_k.shape != (bsz, lk):
         raise ValueError(f"attention_mask: expected a 2-D mask of shape {(bsz, lk)}, got {tuple(valid_k.shape)}")
-    valid_q = valid_k[:, lk - lq:]
-    len_q, len_k = valid_q.sum(1, dtype=torch.int32), valid_k.sum(1, dtype=torch.int32)
-    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cu_q, cu_k = torch.cat([zero, len_q.cumsum(0, dtype=torch.int32)]), torch.cat([zero, len_k.cumsum(0, dtype=torch.int32)])
-    max_q, max_k = int(len_q.max()), int(len_k.max())
+    valid_q, cu_q, cu_k, max_q, max_k, total_k = _cached(f"unpad{lq}", valid_k, lambda m: _unpad_meta(m, lq))
     if segment is None:
-        seg = br = torch.zeros(int(cu_k[-1]), dtype=torch.int32, device=q.device)
+        seg = br = torch.zeros(total_k, dtype=torch.int32, device=q.device)
     else:
         seg, br = segment[valid_k], branch[valid_k]
     packed = branch_attention(
@@ -168,6 +164,16 @@ def _unpadded(q, k, v, segment, branch, valid_k, scale, check, backend) -> Tenso
     out = q.new_zeros(bsz, lq, hq, packed.shape[-1])
     out[valid_q] = packed
     return out
+
+
+def _unpad_meta(valid_k: Tensor, lq: int):
+    """Valid queries and the cu_seqlens / max lengths of the valid tokens of every row (one host read)."""
+    valid_q = valid_k[:, valid_k.shape[1] - lq:]
+    len_q, len_k = valid_q.sum(1, dtype=torch.int32), valid_k.sum(1, dtype=torch.int32)
+    zero = torch.zeros(1, dtype=torch.int32, device=valid_k.device)
+    cu_q = torch.cat([zero, len_q.cumsum(0, dtype=torch.int32)])
+    cu_k = torch.cat([zero, len_k.cumsum(0, dtype=torch.int32)])
+    return valid_q, cu_q, cu_k, int(len_q.max()), int(len_k.max()), int(cu_k[-1])
 
 
 def _layout(kwargs: dict, bsz: int, lk: int, dev) -> tuple[Tensor | None, Tensor | None]:

@@ -119,10 +119,32 @@ def test_decode_generic_kernel(dtype, d):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_default_q_seqlens_and_strided_q(dtype):
     cache = make_cache(3, batch=2, hkv=2, d=64, dtype=dtype, max_tokens=120)
-    big = torch.randn(2, 5, 8, 3 * 64).to(dtype)
+    big = torch.randn(2, 5, 8, 3 * 64, device=DEV).to(dtype)
     q = big[..., 64:128]  # last dim contiguous, other strides not
     out = run_cuda(cache, q, None)
     check(out, reference(cache, q, None), None, dtype)
+
+
+@pytest.mark.parametrize("offset", [0, 4])
+def test_decode_views_of_wider_buffers(offset):
+    """k/v caches that are views of wider buffers: 16-byte aligned rows stay on the tensor-core kernel, rows
+    shifted by 8 bytes go to the generic kernel (no misaligned 16-byte copy); q is shifted too (copied)."""
+    dtype, d = torch.float16, 64
+    cache = make_cache(4, batch=2, hkv=2, d=d, dtype=dtype, max_tokens=150)
+    dc = to_dev(cache)
+    views = {}
+    for name in ("k_cache", "v_cache"):
+        t = dc[name]
+        wide = torch.full(t.shape[:-1] + (d + 8,), float("nan"), dtype=dtype, device=DEV)
+        wide[..., offset:offset + d] = t
+        views[name] = wide[..., offset:offset + d]
+    qw = torch.randn(2, 3, 4, d + 8, device=DEV).to(dtype)
+    q = qw[..., offset:offset + d]
+    q_seqlens = ragged(3, cache["cache_seqlens"])
+    poison_allocator()
+    out = branch_attention_with_kvcache(q, views["k_cache"], views["v_cache"], dc["cache_seqlens"], dc["segment"],
+                                        dc["branch"], q_seqlens=q_seqlens.to(DEV), backend="cuda")
+    check(out, reference(cache, q, q_seqlens), q_seqlens, dtype)
 
 
 def test_decode_long_cache_128k():

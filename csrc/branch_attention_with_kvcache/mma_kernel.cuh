@@ -25,7 +25,7 @@ namespace aspd {
 
 constexpr int kMmaBM = 64;       // rows per CTA (4 warps x 16)
 constexpr int kMmaBN = 64;       // keys per tile
-constexpr int kMmaThreads = 128;
+constexpr int kMmaThreads = 128;  // two CTAs per SM (launch bounds): shared memory allows two at D=128
 
 template <int D, int STAGES> struct MmaSmem {
   static constexpr int kLds = D + 8;  // padded row stride in elements (16 bytes of padding)
@@ -36,12 +36,13 @@ template <int D, int STAGES> struct MmaSmem {
 };
 
 template <typename T, int D, int STAGES>
-__global__ void __launch_bounds__(kMmaThreads) decode_mma_kernel(const DecodeParams p, const int row_tiles) {
+__global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const DecodeParams p, const int row_tiles) {
   static_assert(D % 16 == 0 && D <= 256, "head size");
   static_assert(STAGES >= 2, "the ring needs two stages");
   constexpr int BM = kMmaBM, BN = kMmaBN, NT = kMmaThreads;
   constexpr int LDS = MmaSmem<D, STAGES>::kLds;
   constexpr int CPR = D / 8;  // 16-byte chunks per row
+  static_assert(NT == 2 * BN, "load_tile: one thread per slot for segment ids, one for branch ids");
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);

@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         ("device", f"{dec.device} {str(dec.dtype).replace('torch.', '')}, cuda graphs "
                    f"{'on' if dec.graphs is not None and not dec.graphs.disabled else 'off'}"),
     ]
+    # memory-bound decoding reads every weight once per forward pass: the rate that says how close to the limit
+    weights = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in dec.model.parameters()}.values())
+    rows.insert(4, ("weights read", f"{weights * res.forward_passes / max(res.total_s, 1e-9) / 1e9:.2f} GB/s "
+                                    f"({weights / 1e6:.1f} MB x {res.forward_passes} passes)"))
     width = max(len(k) for k, _ in rows)
     print("-" * (width + 40))
     for k, v in rows:

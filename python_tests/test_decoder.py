@@ -149,3 +149,49 @@ def test_bad_requests_raise(pair):
         dec.generate_branches([VOCAB], [[3]], 2)
     with pytest.raises(ValueError, match="position_strategy"):
         dec.generate_branches([1], [[3]], 2, position_strategy="nope")
+
+
+def test_decode_graph_buffers_and_padding_on_cpu(pair):
+    """The CUDA-graph path's static buffers, buckets and padding rows (q_seqlens < bucket), replayed here by an
+    eager stand-in for the captured graph: results equal the plain eager path token for token."""
+    from aspd_kernels.decoder.graphs import DecodeGraphs
+
+    class EagerReplay(DecodeGraphs):
+        def _capture(self, b):
+            batch, model, cache = self._batch(b), self.model, self.cache
+            out = torch.full((1, b, model.config.vocab_size), float("nan"))
+
+            class Graph:
+                def replay(self):
+                    out.copy_(model.step(batch, cache, check_values=True))
+
+            self.graphs[b] = (Graph(), out)
+
+    _, dec = pair
+    prefix, prompts = _prompts(21, 5)
+    want = dec.generate_branches(prefix, prompts, 7, suffix_ids=[9], max_suffix_tokens=3)
+    dec.graphs = EagerReplay(dec.model, dec.cache, buckets=(1, 2, 4, 8))
+    try:
+        got = dec.generate_branches(prefix, prompts, 7, suffix_ids=[9], max_suffix_tokens=3)
+        assert set(dec.graphs.graphs) <= {1, 2, 4, 8} and 8 in dec.graphs.graphs
+    finally:
+        dec.graphs = None
+    assert got.branches == want.branches and got.suffix == want.suffix
+    assert torch.equal(got.sequence, want.sequence) and torch.equal(got.positions, want.positions)
+
+
+def test_sample_filters():
+    from aspd_kernels.decoder import SamplingParams, sample
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])).repeat(4000, 1)
+    draw = lambda **kw: sample(logits, SamplingParams(temperature=1.0, **kw), g)  # noqa: E731
+    freq = torch.bincount(draw(), minlength=5).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]), atol=0.03, rtol=0)
+    assert set(draw(top_k=2).tolist()) == {0, 1}
+    assert set(draw(top_p=0.65).tolist()) == {0, 1}  # 0.4 < 0.65: the second token is needed, not the third
+    assert set(draw(top_p=0.1).tolist()) == {0}
+    bias = torch.zeros(5)
+    bias[0] = float("-inf")
+    assert 0 not in sample(logits, SamplingParams(), None, bias).tolist()
+    assert sample(logits, SamplingParams(), None, bias).eq(1).all()

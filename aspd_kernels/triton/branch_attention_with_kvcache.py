@@ -1,0 +1,291 @@
+"""Decoding attention over a contiguous or paged KV cache under the branch mask (SPEC section 4.2), in Triton.
+
+One program owns one sequence ``b``, one KV head ``h`` and one slice of the cache (split-KV, as flash-decoding).
+Its rows are *every* new token of the sequence times *every* query head that reads head ``h``
+(``rows = Lq * G``, row ``r`` = token ``r // G``, query head ``h * G + r % G``), so each KV tile is loaded once and
+multiplied against all of them with one ``tl.dot``: a step with 64 live branches reads the cache once, like a step
+with one. Rows beyond ``BLOCK_M`` (a prefill chunk) tile over the grid's first axis.
+
+Per KV tile (``BLOCK_N`` slots): ``s = q k^T``, the mask ``k <= q and (seg[k] != seg[q] or br[k] == br[q])`` from
+the ids of the tile and of the query slots (the new tokens are already in the cache, so their ids are read there),
+then the online softmax of FlashAttention-2 in base 2. With one split the program writes ``out``; with several, each
+writes its partial output and log-sum-exp and ``_merge_kernel`` combines them (LSE merge).
+
+Paged caches translate each slot through ``block_table`` per token (any ``block_size``). Lengths are clamped to the
+capacity and block ids to ``[0, num_blocks)``, so unchecked inputs cannot read out of bounds. The number of splits
+depends only on shapes and the device (never on ``cache_seqlens``), so a step is CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+_MIN_SPLIT_SLOTS = 256  # a split shorter than this costs more in merging than it gains in parallelism
+_MAX_SPLITS = 64
+_MERGE_ROWS = 32  # (token, head) rows merged per program: 32 x D floats of accumulator
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, SEG, BR, CACHE_SEQLENS, Q_SEQLENS, BLOCK_TABLE, OUT, O_PART, LSE_PART,
+    qk_scale,
+    stride_qb, stride_qi, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_sb, stride_bt,
+    stride_ob, stride_oi, stride_oh,
+    stride_ps, stride_pb, stride_pi, stride_ph,
+    stride_ls, stride_lb, stride_li,
+    Lq, capacity, block_size, num_blocks, row_tiles, num_splits,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, SPLIT: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    sp = tl.program_id(2)
+    b = pid // row_tiles
+    mt = pid % row_tiles
+    b64 = b.to(tl.int64)
+
+    n = tl.minimum(tl.maximum(tl.load(CACHE_SEQLENS + b), 0), capacity)
+    lq = tl.minimum(tl.maximum(tl.load(Q_SEQLENS + b), 0), tl.minimum(Lq, n))
+
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    i = rows // G
+    head = hk * G + rows % G
+    live = i < lq
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_ptr = Q + b64 * stride_qb + i[:, None] * stride_qi + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr, mask=live[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+
+    # the new tokens' own ids, read from their cache slots
+    q_slot = n - lq + i
+    if PAGED:
+        q_blk = tl.load(BLOCK_TABLE + b64 * stride_bt + q_slot // block_size, mask=live, other=0)
+        q_blk = tl.minimum(tl.maximum(q_blk, 0), num_blocks - 1).to(tl.int64)
+        q_id = q_blk * stride_sb + q_slot % block_size
+    else:
+        q_id = b64 * stride_sb + q_slot
+    q_seg = tl.load(SEG + q_id, mask=live, other=-1)
+    q_br = tl.load(BR + q_id, mask=live, other=-1)
+
+    # this split's slice of [0, n), in whole tiles
+    chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        slot = start + tl.arange(0, BLOCK_N)
+        k_ok = slot < hi
+        if PAGED:
+            blk = tl.load(BLOCK_TABLE + b64 * stride_bt + slot // block_size, mask=k_ok, other=0)
+            blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
+            within = slot % block_size
+            k_row = blk * stride_kb + within * stride_kn
+            v_row = blk * stride_vb + within * stride_vn
+            id_off = blk * stride_sb + within
+        else:
+            k_row = b64 * stride_kb + slot.to(tl.int64) * stride_kn
+            v_row = b64 * stride_vb + slot.to(tl.int64) * stride_vn
+            id_off = b64 * stride_sb + slot
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + k_row[:, None] + hk * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        k_seg = tl.load(SEG + id_off, mask=k_ok, other=-1)
+        k_br = tl.load(BR + id_off, mask=k_ok, other=-1)
+        if CAST_F32:
+            k = k.to(tl.float32)
+
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = (live[:, None] & k_ok[None, :] & (slot[None, :] <= q_slot[:, None])
+                   & ((k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None])))
+        s = tl.where(visible, s, float("-inf"))
+
+        # online softmax; rows that have seen nothing yet keep m = -inf and contribute exact zeros
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_row[:, None] + hk * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if CAST_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    rows_ok = i < Lq
+    if SPLIT:
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        base = sp.to(tl.int64) * stride_ps + b64 * stride_pb + i * stride_pi + head * stride_ph
+        tl.store(O_PART + base[:, None] + d[None, :], o, mask=rows_ok[:, None] & d_ok[None, :])
+        l_base = sp.to(tl.int64) * stride_ls + b64 * stride_lb + i * stride_li + head
+        tl.store(LSE_PART + l_base, lse, mask=rows_ok)
+    else:
+        o_ptr = OUT + b64 * stride_ob + i[:, None] * stride_oi + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(
+    O_PART, LSE_PART, OUT, CACHE_SEQLENS, Q_SEQLENS,
+    stride_ps, stride_pb, stride_pi, stride_ph,
+    stride_ls, stride_lb, stride_li,
+    stride_ob, stride_oi, stride_oh,
+    Lq, Hq, capacity, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``out = sum_s exp2(lse_s - m) o_s / sum_s exp2(lse_s - m)`` over the splits, for a block of (new token,
+    head) rows of one sequence; zero for padding rows and for rows that saw no key."""
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(CACHE_SEQLENS + b), 0), capacity)
+    lq = tl.minimum(tl.maximum(tl.load(Q_SEQLENS + b), 0), tl.minimum(Lq, n))
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = r // Hq
+    h = r % Hq
+    live = i < lq
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    lse_row = LSE_PART + b64 * stride_lb + i * stride_li + h
+    o_row = O_PART + b64 * stride_pb + i[:, None] * stride_pi + h[:, None] * stride_ph + d[None, :]
+
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(lse_row + s * stride_ls, mask=live, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        w = tl.exp2(tl.load(lse_row + s * stride_ls, mask=live, other=float("-inf")) - m_safe)
+        den += w
+        acc += w[:, None] * tl.load(o_row + s * stride_ps, mask=live[:, None] & d_ok[None, :], other=0.0)
+    out = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+    o_ptr = OUT + b64 * stride_ob + i[:, None] * stride_oi + h[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=(i < Lq)[:, None] & d_ok[None, :])
+
+
+def _cast_to_f32(dtype: torch.dtype) -> bool:
+    """Multiply in float32 under the interpreter (it mishandles 16-bit arithmetic) and for float32 inputs;
+    on a GPU, 16-bit tiles go to the tensor cores as they are, with float32 accumulation."""
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None:  # the interpreter on CPU: a few "SMs" keep the program count small
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tiles(rows: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): every row in one tile up to 128 (64 for D = 256), tl.dot needs >= 16."""
+    block_m = min(max(16, triton.next_power_of_2(rows)), 64 if head_dim > 128 else 128)
+    block_n = 32 if head_dim > 128 or block_m >= 128 else 64
+    return block_m, block_n, 8 if block_m * head_dim >= 128 * 128 else 4
+
+
+def num_splits_for(batch: int, hkv: int, row_tiles: int, capacity: int, device: torch.device) -> int:
+    """Splits so that about two waves of programs fill the GPU, none shorter than ``_MIN_SPLIT_SLOTS`` of capacity.
+
+    Uses shapes and the device only: the same value on every step of a captured graph.
+    """
+    programs = max(1, batch * hkv * row_tiles)
+    sms = _sm_count(device.index if device.type == "cuda" else None)
+    if device.type == "cuda" and device.index is None:
+        sms = _sm_count(torch.cuda.current_device())
+    wanted = triton.cdiv(2 * sms, programs)
+    by_length = max(1, capacity // _MIN_SPLIT_SLOTS)
+    return max(1, min(wanted, by_length, _MAX_SPLITS))
+
+
+def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table,
+                                  softmax_scale, num_splits: int | None = None):
+    """Backend entry point (see ``aspd_kernels._dispatch``); ``num_splits`` forces the split count (tests)."""
+    bsz, lq, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    block_m, block_n, warps = _tiles(lq * g, d)
+    row_tiles = triton.cdiv(lq * g, block_m)
+    splits = num_splits or num_splits_for(bsz, hkv, row_tiles, capacity, q.device)
+    splits = max(1, min(int(splits), triton.cdiv(max(capacity, 1), block_n)))
+    if splits > 1:
+        o_part = torch.empty((splits, bsz, lq, hq, d), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, bsz, lq, hq), dtype=torch.float32, device=q.device)
+    else:  # unused: any float32 tensor satisfies the signature
+        o_part = lse_part = out.new_empty((1, 1, 1, 1, 1), dtype=torch.float32)
+    table = block_table if paged else cache_seqlens  # a placeholder pointer when contiguous
+    seg_stride = segment.stride(0)
+    _decode_kernel[(bsz * row_tiles, hkv, splits)](
+        q, k_cache, v_cache, segment, branch, cache_seqlens, q_seqlens, table, out, o_part, lse_part,
+        softmax_scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        seg_stride, table.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+        lq, capacity, k_cache.shape[1], k_cache.shape[0], row_tiles, splits,
+        G=g, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGED=paged, SPLIT=splits > 1, CAST_F32=_cast_to_f32(q.dtype), num_warps=warps,
+    )
+    if splits > 1:
+        block_r = _MERGE_ROWS if d <= 128 else _MERGE_ROWS // 2
+        _merge_kernel[(bsz, triton.cdiv(lq * hq, block_r))](
+            o_part, lse_part, out, cache_seqlens, q_seqlens,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+            lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lq, hq, capacity, splits,
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r,
+        )
+    return out
+
+
+def _aot_specs() -> list[dict]:
+    """Decode (G = 4, 256 rows: 64 branches) and merge kernels, fp16/bf16, D = 64/128. ``paged`` and ``split``
+    each change the code; one contiguous-unsplit and one paged-split variant compile both paths in half the time."""
+    ints = ("stride_qb stride_qi stride_qh stride_kb stride_kn stride_kh stride_vb stride_vn stride_vh stride_sb "
+            "stride_bt stride_ob stride_oi stride_oh stride_ps stride_pb stride_pi stride_ph stride_ls stride_lb "
+            "stride_li Lq capacity block_size num_blocks row_tiles num_splits").split()
+    merge_ints = ("stride_ps stride_pb stride_pi stride_ph stride_ls stride_lb stride_li stride_ob stride_oi "
+                  "stride_oh Lq Hq capacity num_splits").split()
+    specs = []
+    for dtype in ("fp16", "bf16"):
+        for d in (64, 128):
+            block_m, block_n, warps = _tiles(64 * 4, d)
+            for paged, split in ((False, False), (True, True)):
+                sig = {name: "*i32" for name in ("SEG", "BR", "CACHE_SEQLENS", "Q_SEQLENS", "BLOCK_TABLE")}
+                sig.update({name: f"*{dtype}" for name in ("Q", "K", "V", "OUT")})
+                sig.update(O_PART="*fp32", LSE_PART="*fp32", qk_scale="fp32", **{name: "i32" for name in ints})
+                specs.append(dict(
+                    name=f"decode_{dtype}_d{d}{'_paged_split' if paged else ''}", fn=_decode_kernel, signature=sig,
+                    num_warps=warps, constexprs=dict(G=4, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                     PAGED=paged, SPLIT=split, CAST_F32=False),
+                ))
+            sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dtype}", "CACHE_SEQLENS": "*i32",
+                   "Q_SEQLENS": "*i32", **{name: "i32" for name in merge_ints}}
+            specs.append(dict(name=f"decode_merge_{dtype}_d{d}", fn=_merge_kernel, signature=sig,
+                              constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=_MERGE_ROWS)))
+    return specs
+
+
+AOT_SPECS = _aot_specs()

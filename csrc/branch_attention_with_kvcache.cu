@@ -7,6 +7,8 @@
 #include "branch_attention_with_kvcache/mma_kernel.cuh"
 #include "launch.h"
 
+#include <atomic>
+
 namespace aspd {
 namespace {
 
@@ -22,8 +24,17 @@ template <typename T, int D> cudaError_t launch_mma(const DecodeParams& p, cudaS
   constexpr int S = stages_for<D>();
   constexpr size_t smem = MmaSmem<D, S>::kBytes;
   auto kernel = decode_mma_kernel<T, D, S>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  // More than 48 KB of dynamic shared memory must be opted into, once per device (a bit per device ordinal).
+  static std::atomic<uint64_t> opted_in{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
+  if (bit == 0 || !(opted_in.load(std::memory_order_relaxed) & bit)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   const int row_tiles = row_tiles_of(p);
   const dim3 grid(unsigned(p.hkv * p.num_splits * row_tiles), unsigned(p.batch));
   kernel<<<grid, kMmaThreads, smem, stream>>>(p, row_tiles);

@@ -281,3 +281,32 @@ def test_remap_positions_large_branch_ids_and_long_sections():
         ref = R.remap_positions(seg, br, strategy)
         got = remap_positions(seg.to(DEV), br.to(DEV), strategy, check_values=False, backend="cuda")
         torch.testing.assert_close(got.cpu(), ref, atol=0, rtol=0)
+
+
+def test_opcheck_and_compile_with_cuda_backend():
+    """The public ops stay opcheck-clean and compile with fullgraph=True when they run the CUDA kernels."""
+    dtype = torch.bfloat16
+    raw = make_cache(31, batch=2, hkv=2, d=64, dtype=dtype, paged=True, max_tokens=120, extra=8, poison=False)
+    c = to_dev(raw)
+    q = torch.randn(2, 3, 4, 64, device=DEV).to(dtype)
+    qs = torch.tensor([3, 1], dtype=torch.int32, device=DEV)
+    torch.library.opcheck(torch.ops.aspd.branch_attention_with_kvcache.default,
+                          (q, c["k_cache"], c["v_cache"], c["cache_seqlens"], c["segment"], c["branch"], qs,
+                           c["block_table"], 0.125, "cuda"))
+    seg, br, cu = (t.to(DEV) for t in random_batch(4, batch=2, max_tokens=50))
+    torch.library.opcheck(torch.ops.aspd.remap_positions.default, (seg, br, cu, "fixed-length", 0, "cuda"))
+    k = torch.randn(2, 3, 2, 64, device=DEV).to(dtype)
+    pos = torch.randint(0, 50, (2, 3), dtype=torch.int32, device=DEV)
+    ids = torch.full((2, 3), 99, dtype=torch.int32, device=DEV)
+    csc = rope_cos_sin_cache(_inv_freq(64), 64).to(DEV)
+    after = (c["cache_seqlens"] + qs).to(torch.int32)
+    torch.library.opcheck(torch.ops.aspd.rope_append_kv.default,
+                          (q, k, k.clone(), pos, csc, c["k_cache"], c["v_cache"], c["segment"], c["branch"], after,
+                           ids, ids, qs, c["block_table"], "cuda"))
+
+    def step(q):
+        return branch_attention_with_kvcache(q, c["k_cache"], c["v_cache"], c["cache_seqlens"], c["segment"],
+                                             c["branch"], q_seqlens=qs, block_table=c["block_table"],
+                                             check_values=False, backend="cuda")
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(q), step(q), atol=0, rtol=0)

@@ -165,6 +165,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};  // per-thread partial sums; the quad reduces them once at the end
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * log2 e)
+  // Rows of live tokens are R < lq * G; a warp past them skips the math (serial decoding, lq = 1, G = 8, keeps
+  // one warp of four busy) but still copies tiles and meets every barrier.
+  const bool warp_active = row0 + warp * 16 < lq * G;
 
   for (int t = t_begin; t < t_end; ++t) {
     const int it = t - t_begin;
@@ -175,6 +178,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
       if (tn < t_end) load_tile(tn, (it + STAGES - 1) % STAGES);
       cp_async_commit();
     }
+    if (!warp_active) continue;  // its rows are all padding: loads and barriers only
     const int stage = it % STAGES;
     const T* tk = sK + stage * BN * LDS;
     const T* tv = sV + stage * BN * LDS;

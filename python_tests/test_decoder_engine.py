@@ -182,3 +182,17 @@ def test_position_strategies_dense_argmax(run, strategy):
         h = res.sequence[:row + 1][mask[row, :row + 1]].tolist()
         bias = grammar.branch if res.branch[slot] > 0 else _serial_bias(grammar, h)
         assert int((processor(logits[row:row + 1], [h])[0] + bias).argmax()) == int(res.sequence[slot])
+
+
+def test_budget_runs_out_inside_a_section(run):
+    """max_new_tokens reached while branches are live: they are cut, the section is still closed with <|/para|>
+    (fed, so every branch token is in the cache) and decoding stops."""
+    _, dec, _ = run
+    res = dec.generate(PROMPT, 12, TK, eos_token_id=EOS, max_branch_tokens=10, logits_processor=processor)
+    # 11 serial tokens up to <|para|>, then one step of 3 branches overshoots the budget by 2
+    assert res.generated_tokens == 14
+    assert [len(b) for b in res.branches[0]] == [1, 1, 1]
+    assert res.sequence[-1] == TK.para_end and not res.sampled[-1]
+    assert res.suffix == []
+    # prompt, 10 serial steps, the section's prefill (with <|para|>), the closing pass
+    assert res.forward_passes == 1 + 10 + 1 + 1

@@ -209,15 +209,15 @@ class ParallelDecoder:
         dtype: default the in-memory model's dtype, else the config's ``dtype``/``torch_dtype``.
         max_position: rows of the rotary table (default ``max_seq_len``).
         """
-        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
-            cfg, state = read_directory(str(model_or_path))
-            default_dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(model_or_path, str) or hasattr(model_or_path, "__fspath__"):
+            dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+            cfg, state = read_directory(str(model_or_path), dev)
             default_dtype = None
         else:
             cfg, state = read_module(model_or_path)
             p = next(model_or_path.parameters())
-            default_dev, default_dtype = p.device, p.dtype
-        dev = torch.device(device if device is not None else default_dev)
+            dev = torch.device(device if device is not None else p.device)
+            default_dtype = p.dtype
         model = build(cfg, state, device=dev, dtype=parse_dtype(dtype) or default_dtype,
                       max_position=max_position or max_seq_len)
         return cls(model, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs, check_values=check_values)

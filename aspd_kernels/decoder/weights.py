@@ -27,9 +27,10 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def read_directory(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_directory(path: str, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(config dict, state dict)`` of a local model directory. Shards listed in ``model.safetensors.index.json``
-    are read one by one; without an index every ``*.safetensors`` file of the directory is read."""
+    are read one by one (straight onto ``device``); without an index every ``*.safetensors`` file of the directory
+    is read."""
     from safetensors.torch import load_file
 
     cfg_path = os.path.join(path, "config.json")
@@ -47,7 +48,7 @@ def read_directory(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise FileNotFoundError(f"{path!r} holds no *.safetensors weights")
     state: dict[str, Tensor] = {}
     for name in files:
-        state.update(load_file(os.path.join(path, name)))
+        state.update(load_file(os.path.join(path, name), device=str(device)))
     return cfg, state
 
 

@@ -195,3 +195,25 @@ def test_sample_filters():
     bias[0] = float("-inf")
     assert 0 not in sample(logits, SamplingParams(), None, bias).tolist()
     assert sample(logits, SamplingParams(), None, bias).eq(1).all()
+
+
+def test_logits_equal_transformers(pair):
+    """Not only the argmax: the decoder's float32 logits over a prompt, and over a parallel section against the
+    dense-mask forward, equal transformers' to float32 rounding."""
+    from aspd_kernels.decoder.engine import _Run
+
+    model, dec = pair
+    prompt, prompts = _prompts(2, 3, prefix_len=9)
+    run = _Run(dec, "same-sequential")
+    slots = [run.place(t) for t in prompt]
+    ours = run.forward(slots)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+    res = dec.generate_branches(prompt, prompts, 3, suffix_ids=[4, 5], max_suffix_tokens=2)
+    run = _Run(dec, "same-sequential")
+    run.tokens, run.seg, run.br = res.sequence.tolist(), res.segment.tolist(), res.branch.tolist()
+    run.pos = res.positions.tolist()
+    ours = run.forward(list(range(len(run.tokens))))
+    torch.testing.assert_close(ours, dense_logits(model, res), atol=2e-5, rtol=1e-4)

@@ -6,3 +6,4 @@ the kernels and signatures that ``.ci/aot_compile_triton.py`` compiles for sm_90
 from .branch_attention_with_kvcache import branch_attention_with_kvcache  # noqa: E402
 from .remap_positions import remap_positions  # noqa: E402
 from .rope_append_kv import rope_append_kv  # noqa: E402
+from .branch_attention import branch_attention_fwd, branch_attention_bwd  # noqa: F401

@@ -96,13 +96,19 @@ def test_attention_only_registration_drops_padding_masks(tok):
     pad[1, :2] = 0
     model(ids, attention_mask=pad)
     assert seen["mask"] is None
-    model.set_attn_implementation(ah.NAME)
-    valid = ah.aspd_mask(2, 6, 6, attention_mask=pad)
-    assert valid.dtype == torch.bool and valid.tolist() == pad.bool().tolist()
+    # "aspd": one int8 code per key slot, bit 0 = valid key, bit 1 = query slot
+    codes = ah.aspd_mask(2, 6, 6, attention_mask=pad)
+    assert codes.dtype == torch.int8 and codes.shape == (2, 1, 1, 6)
+    assert codes[:, 0, 0].tolist() == [[3] * 6, [2, 2, 3, 3, 3, 3]]
     assert ah.aspd_mask(2, 6, 6, attention_mask=torch.ones(2, 6)) is None
     assert ah.aspd_mask(2, 6, 6) is None
-    # a static cache: 4 tokens seen, 10 slots, empty slots invalid
-    assert ah.aspd_mask(1, 1, 10, q_offset=3).tolist() == [[True] * 4 + [False] * 6]
+    # a dynamic cache: 4 cached tokens + 2 new ones
+    assert ah.aspd_mask(1, 2, 6, q_offset=4) is None
+    # a static cache: 3 tokens cached + 2 new ones in 10 slots
+    assert ah.aspd_mask(1, 2, 10, q_offset=3)[:, 0, 0].tolist() == [[1, 1, 1, 3, 3] + [0] * 5]
+    codes = ah.aspd_mask(2, 2, 10, q_offset=3, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1] * 5]))
+    assert codes[:, 0, 0].tolist() == [[0, 1, 1, 3, 3] + [0] * 5, [1, 1, 1, 3, 3] + [0] * 5]
+    assert ah.aspd_mask(2, 2, 10, attention_mask=codes) is codes  # generate's precomputed mask passes through
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -214,16 +220,17 @@ def test_packing_from_position_ids(tok):
     torch.testing.assert_close(out[:, 8:], alone, rtol=1e-10, atol=1e-10)
 
 
-def test_generate_matches_eager(tok):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_matches_eager(tok, cache):
+    """Greedy generate, dynamic cache (queries = last keys) and static cache (queries mid-buffer, empty slots)."""
     model = tiny_model("llama", len(tok), dtype=torch.float32)
     eager = twin(model, "eager")
     ids = torch.randint(0, 256, (2, 7))
     pad = torch.ones(2, 7, dtype=torch.long)
     pad[0, :3] = 0  # left padding, as batched generation does
-    kw = dict(attention_mask=pad, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert model.generate(ids, **kw).tolist() == eager.generate(ids, **kw).tolist()
-    kw1 = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert model.generate(ids[:1], **kw1).tolist() == eager.generate(ids[:1], **kw1).tolist()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, cache_implementation=cache)
+    assert model.generate(ids, attention_mask=pad, **kw).tolist() == eager.generate(ids, attention_mask=pad, **kw).tolist()
+    assert model.generate(ids[:1], **kw).tolist() == eager.generate(ids[:1], **kw).tolist()
 
 
 def test_from_pretrained(tok, tmp_path):
@@ -240,7 +247,7 @@ def test_from_pretrained(tok, tmp_path):
 def test_refusals(tok):
     model = tiny_model("llama", len(tok), dtype=torch.float32)
     ids = torch.randint(0, 256, (1, 9))
-    with pytest.raises(ValueError, match="4-D attention mask"):
+    with pytest.raises(ValueError, match="cannot honour a 4-D"):
         model(ids, attention_mask=torch.zeros(1, 1, 9, 9))
     with pytest.raises(ValueError, match="aspd_segment and aspd_branch"):
         model(ids, aspd_segment=torch.zeros(1, 9, dtype=torch.int32))

@@ -5,8 +5,8 @@ Registered under one name with both registries transformers consults:
 - ``transformers.AttentionInterface``: the attention call of every layer (``aspd_attention_forward``);
 - ``transformers.masking_utils.AttentionMaskInterface``: the mask builder (``aspd_mask``). Without it,
   ``create_causal_mask`` returns ``None`` for unknown implementations (``_preprocess_mask_arguments``), so a padding
-  ``attention_mask`` would silently vanish. Ours never builds an ``N x N`` mask: it returns the 2-D key validity
-  ``bool [B, kv_length]`` (``None`` when every key is valid), which the attention call uses to unpad.
+  ``attention_mask`` would silently vanish. Ours never builds an ``N x N`` mask: it returns one int8 code per key
+  slot (valid key? query slot?), ``None`` when there is no padding, which the attention call uses to unpad.
 
 What reaches the attention call (transformers 5 passes the model's ``**kwargs`` down unchanged) and how it is read:
 
@@ -55,29 +55,36 @@ def register(name: str = NAME) -> None:
 # ----------------------------------------------------------------------------------------------------------- mask
 def aspd_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0, mask_function=None,
               attention_mask: Tensor | None = None, device=None, **kwargs) -> Tensor | None:
-    """The mask builder transformers calls once per forward. Returns the key validity ``bool [B, kv_length]``, or
-    ``None`` when every key slot holds a token. ``mask_function`` (causal, packed-sequence) is not evaluated: the
-    branch layout and ``cu_seq_lens_*`` travel to the attention call instead."""
+    """The mask builder transformers calls once per forward; never ``N x N``. Returns ``None`` when every key slot
+    holds a token and the queries are the last ``q_length`` slots (no padding; no cache or a dynamic one), else
+    slot codes ``int8 [B, 1, 1, kv_length]``: bit 0 = the slot holds a valid key (not padding, not a free slot of a
+    static cache), bit 1 = it holds one of this step's queries (``q_length`` per row; mid-buffer in a static cache).
+
+    The codes are 4-D because ``generate`` builds the mask ahead of a static-cache forward and the model then asks
+    for it again: transformers casts a 2-D mask to bool first (losing bit 1) but hands 4-D masks through untouched.
+    ``mask_function`` (causal, packed-sequence) is not evaluated: the branch layout and ``cu_seq_lens_*`` travel to
+    the attention call instead."""
     if attention_mask is not None and attention_mask.dim() != 2:
-        return attention_mask  # a prepared 4-D mask: the attention call refuses it with a message
+        return attention_mask  # ours passes through; any other 4-D mask is refused by the attention call
+    valid = None
     if attention_mask is not None:
         valid = attention_mask.to(device=device, dtype=torch.bool)
         n = valid.shape[-1]
         if n > kv_length:
             valid = valid[:, n - kv_length:]
         elif n < kv_length:
-            # a static cache: slots after the tokens seen so far are empty
             valid = torch.nn.functional.pad(valid, (0, kv_length - n), value=False)
-        elif bool(valid.all()):
-            return None
-        return valid.expand(batch_size, -1) if valid.shape[0] == 1 else valid
-    # no mask: only a static cache leaves empty slots (transformers <= 5.x passed cache_position, later q_offset)
+    # slots filled after this step (transformers 5.x passes q_offset; earlier versions cache_position)
     cache_position = kwargs.get("cache_position")
     end = cache_position[-1] + 1 if cache_position is not None else (q_offset or 0) + q_length
-    if isinstance(end, int) and end >= kv_length:
+    if isinstance(end, int) and end == kv_length and (valid is None or bool(valid.all())):
         return None
     slots = torch.arange(kv_length, device=device)
-    return (slots < end).expand(batch_size, -1)
+    filled = slots < end
+    query = filled & (slots >= end - q_length)
+    valid = filled if valid is None else valid & filled
+    codes = valid.to(torch.int8) | (query.to(torch.int8) << 1)
+    return codes.expand(batch_size, kv_length)[:, None, None, :]
 
 
 # ------------------------------------------------------------------------------------------------------ attention
@@ -97,11 +104,13 @@ def aspd_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     segment, branch = _layout(kwargs, bsz, lk, dev)
     check = kwargs.get("aspd_check_values", getattr(module, "layer_idx", 0) in (0, None))
     backend = kwargs.get("aspd_backend")
-    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+    if attention_mask is not None and not (
+        attention_mask.dtype == torch.int8 and attention_mask.shape == (bsz, 1, 1, lk)
+    ):
         raise ValueError(
-            f"attn_implementation='aspd' cannot honour a {attention_mask.dim()}-D attention mask: pass the branch "
-            "layout as aspd_segment / aspd_branch (and packed sequences as cu_seq_lens_q / cu_seq_lens_k), and "
-            "padding as a 2-D attention_mask"
+            f"attn_implementation='aspd' cannot honour a {attention_mask.dim()}-D {attention_mask.dtype} attention "
+            f"mask of shape {tuple(attention_mask.shape)}: pass the branch layout as aspd_segment / aspd_branch (and "
+            "packed sequences as cu_seq_lens_q / cu_seq_lens_k), and padding as a 2-D attention_mask"
         )
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -145,14 +154,12 @@ def _packed(q, k, v, segment, branch, cu_q, cu_k, max_q, max_k, scale, check, ba
     return out.view(bsz, lq, hq, -1)
 
 
-def _unpadded(q, k, v, segment, branch, valid_k, scale, check, backend) -> Tensor:
-    """Gather the valid tokens of every row (FlashAttention's unpadding). Queries are the last ``Lq`` key slots,
-    so the valid queries of a row are the last of its valid keys: bottom-right alignment still holds."""
+def _unpadded(q, k, v, segment, branch, codes, scale, check, backend) -> Tensor:
+    """Gather the valid tokens of every row (FlashAttention's unpadding). Every key after a row's queries is empty
+    (a static cache's free slots), so the valid queries of a row are the last of its valid keys: bottom-right
+    alignment holds for the gathered tokens."""
     bsz, lq, hq, d = q.shape
-    lk = k.shape[1]
-    if valid_k.shape != (bsz, lk):
-        raise ValueError(f"attention_mask: expected a 2-D mask of shape {(bsz, lk)}, got {tuple(valid_k.shape)}")
-    valid_q, cu_q, cu_k, max_q, max_k, total_k = _cached(f"unpad{lq}", valid_k, lambda m: _unpad_meta(m, lq))
+    valid_k, valid_q, cu_q, cu_k, max_q, max_k, total_k = _cached(f"unpad{lq}", codes, lambda m: _unpad_meta(m, lq))
     if segment is None:
         seg = br = torch.zeros(total_k, dtype=torch.int32, device=q.device)
     else:
@@ -166,14 +173,21 @@ def _unpadded(q, k, v, segment, branch, valid_k, scale, check, backend) -> Tenso
     return out
 
 
-def _unpad_meta(valid_k: Tensor, lq: int):
-    """Valid queries and the cu_seqlens / max lengths of the valid tokens of every row (one host read)."""
-    valid_q = valid_k[:, valid_k.shape[1] - lq:]
+def _unpad_meta(codes: Tensor, lq: int):
+    """From :func:`aspd_mask`'s codes: key validity ``[B, Lk]``, query validity ``[B, Lq]``, cu_seqlens and max
+    lengths of the valid tokens of every row (one host read)."""
+    codes = codes[:, 0, 0]
+    bsz = codes.shape[0]
+    valid_k = (codes & 1) != 0
+    slots = (codes & 2) != 0
+    if int(slots.sum()) != bsz * lq:
+        raise ValueError(f"attention_mask: the aspd slot codes do not mark {lq} query slots per row")
+    valid_q = valid_k[slots].view(bsz, lq)
     len_q, len_k = valid_q.sum(1, dtype=torch.int32), valid_k.sum(1, dtype=torch.int32)
-    zero = torch.zeros(1, dtype=torch.int32, device=valid_k.device)
+    zero = torch.zeros(1, dtype=torch.int32, device=codes.device)
     cu_q = torch.cat([zero, len_q.cumsum(0, dtype=torch.int32)])
     cu_k = torch.cat([zero, len_k.cumsum(0, dtype=torch.int32)])
-    return valid_q, cu_q, cu_k, int(len_q.max()), int(len_k.max()), int(cu_k[-1])
+    return valid_k, valid_q, cu_q, cu_k, int(len_q.max()), int(len_k.max()), int(cu_k[-1])
 
 
 def _layout(kwargs: dict, bsz: int, lk: int, dev) -> tuple[Tensor | None, Tensor | None]:

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The GPU pass of issue 8, in stages that each fit a 10-minute command on a fresh GPU machine.
+#
+#   bash bench/gpu_suite.sh STAGE [STAGE ...]
+#
+# Stages (each builds the CUDA extension first if it is not importable yet):
+#   build         pip install --no-build-isolation --no-deps -e . (falls back to ASPD_JIT=1); import check
+#   test          pytest python_tests -x -q on CUDA (every backend against the reference; test_cuda_kernels.py)
+#   sanitizer     compute-sanitizer memcheck (and racecheck) over bench/sanitizer_case.py
+#   prefill       python -m bench --ops branch_attention                      (full grid)
+#   decode        python -m bench --ops branch_attention_with_kvcache         (full grid)
+#   small         python -m bench --ops rope_append_kv,remap_positions        (full grid)
+#   e2e-1b | e2e-8b | e2e-qwen   python -m bench --ops e2e --models <one model>
+#   quick         python -m bench --quick (every op, a few cases): a smoke run
+#   report        merge every results/*.jsonl of this folder into one .md + .png
+#   first         build + test + sanitizer (about the first 10 minutes)
+#
+# Output: $OUT if set (the device tool brings back at most 8 files per call: one log, .jsonl, .md, .png per stage),
+# else bench/results/gpu-run/. Environment: RESUME=path/to/earlier.jsonl continues a bench stage that hit its
+# time limit (finished cases are copied, not rerun); TIME_LIMIT (seconds, default 510) stops starting new cases.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES="${OUT:-bench/results/gpu-run}"
+mkdir -p "$RES"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+TIME_LIMIT="${TIME_LIMIT:-510}"
+status=0
+
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$RES/suite.log"; }
+
+have_ext() { "$PY" -c "from aspd_kernels import _cuda; import sys; sys.exit(0 if _cuda.available() else 1)" 2>/dev/null; }
+
+build() {
+  if have_ext; then log "build: extension already importable"; return 0; fi
+  log "build: pip install --no-build-isolation --no-deps -e ."
+  local t0=$SECONDS
+  if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$RES/build.log" 2>&1; then
+    log "build: pip install failed (tail of build.log below); trying ASPD_JIT=1"
+    tail -20 "$RES/build.log"
+  fi
+  if ! have_ext; then
+    export ASPD_JIT=1
+    "$PY" -c "from aspd_kernels import _cuda; print('jit:', _cuda.available(), _cuda.load_error())" >>"$RES/build.log" 2>&1
+  fi
+  "$PY" - >>"$RES/build.log" 2>&1 <<'PYEOF'
+import torch, aspd_kernels
+from aspd_kernels import _cuda, _dispatch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+print("extension available:", _cuda.available(), "error:", _cuda.load_error())
+for op in ("branch_attention_fwd", "branch_attention_with_kvcache", "remap_positions", "rope_append_kv"):
+    print(op, {b: _dispatch.has_backend(b, op) for b in _dispatch.BACKENDS})
+PYEOF
+  tail -8 "$RES/build.log"
+  if have_ext; then log "build: ok in $((SECONDS - t0)) s"; else log "build: CUDA extension NOT available"; status=1; fi
+}
+
+run_tests() {
+  log "test: pytest python_tests -x -q"
+  timeout 540 "$PY" -m pytest python_tests -x -q -p no:cacheprovider --benchmark-disable -rs \
+    >"$RES/tests.log" 2>&1
+  local rc=$?
+  tail -25 "$RES/tests.log"
+  log "test: exit $rc"
+  [ $rc -eq 0 ] || status=1
+}
+
+sanitizer() {
+  local cs
+  cs="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+  if [ -z "$cs" ]; then log "sanitizer: compute-sanitizer not found"; status=1; return; fi
+  for tool in memcheck racecheck; do
+    log "sanitizer: $tool"
+    timeout 280 "$cs" --tool "$tool" --error-exitcode 1 "$PY" -m bench.sanitizer_case >"$RES/sanitizer-$tool.log" 2>&1
+    local rc=$?
+    tail -15 "$RES/sanitizer-$tool.log"
+    log "sanitizer: $tool exit $rc"
+    [ $rc -eq 0 ] || status=1
+  done
+}
+
+bench() {  # bench TAG ARGS...
+  local tag="$1"; shift
+  local resume=()
+  [ -n "${RESUME:-}" ] && resume=(--resume "$RESUME")
+  log "bench $tag: python -m bench $* (time limit ${TIME_LIMIT}s)"
+  "$PY" -m bench --out "$RES" --tag "$tag" --time-limit "$TIME_LIMIT" "${resume[@]}" "$@" 2>&1 | tee "$RES/bench-$tag.log" | tail -60
+  local rc=${PIPESTATUS[0]}
+  log "bench $tag: exit $rc"
+  [ $rc -eq 0 ] || status=1
+}
+
+[ $# -ge 1 ] || { sed -n 2,22p "$0"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >>"$RES/suite.log" 2>&1
+for stage in "$@"; do
+  case "$stage" in
+    build) build ;;
+    test) build; run_tests ;;
+    sanitizer) build; sanitizer ;;
+    first) build; run_tests; sanitizer ;;
+    prefill) build; bench prefill --ops branch_attention ;;
+    decode) build; bench decode --ops branch_attention_with_kvcache ;;
+    small) build; bench small --ops rope_append_kv,remap_positions ;;
+    e2e-1b) build; bench e2e-1b --ops e2e --models llama-3.2-1b ;;
+    e2e-8b) build; bench e2e-8b --ops e2e --models llama-3-8b ;;
+    e2e-qwen) build; bench e2e-qwen --ops e2e --models qwen2.5-7b ;;
+    quick) build; bench quick --quick ;;
+    report) "$PY" -m bench.report "$RES"/*.jsonl --out "$RES/report" | tail -80 ;;
+    *) echo "unknown stage $stage"; sed -n 2,22p "$0"; exit 2 ;;
+  esac
+done
+log "done: $* (exit $status)"
+exit $status

@@ -1,0 +1,91 @@
+"""Medians of many timed runs: CUDA events on a GPU (L2 flushed before every run), ``perf_counter`` on the CPU.
+
+On a GPU each rep first overwrites a buffer larger than L2 (as ``triton.testing.do_bench`` does), so every run
+reads its inputs from device memory, not from a cache warmed by the previous run; the flush is outside the events.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_flush_buffers: dict[int, torch.Tensor] = {}
+
+
+@dataclass
+class Timing:
+    ms: float  # median
+    p25: float
+    p75: float
+    reps: int
+
+    def as_dict(self) -> dict:
+        return {"ms": self.ms, "ms_p25": self.p25, "ms_p75": self.p75, "reps": self.reps}
+
+
+def _summary(samples: list[float]) -> Timing:
+    samples = sorted(samples)
+    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
+    return Timing(ms=statistics.median(samples), p25=q[0], p75=q[2], reps=len(samples))
+
+
+def l2_bytes(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "L2_cache_size", 0) or 50 << 20)
+
+
+def _flush(device: torch.device) -> torch.Tensor:
+    """A buffer four times L2 (at least 256 MiB): writing it evicts every input of the previous run."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _flush_buffers:
+        n = max(4 * l2_bytes(device), 256 << 20)
+        _flush_buffers[idx] = torch.empty(n // 4, dtype=torch.int32, device=device)
+    return _flush_buffers[idx]
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, budget_s: float = 0.5, min_reps: int = 5,
+            max_reps: int = 200, warmup: int = 2, wall: bool = False, flush: bool = True) -> Timing:
+    """Median time of ``fn()`` in milliseconds.
+
+    ``warmup`` untimed calls first (compilation, autotuning, allocator growth), then as many reps as fit in
+    ``budget_s`` (within ``[min_reps, max_reps]``). ``wall=True`` times host work too (synchronize, then
+    ``perf_counter``): for functions such as ``create_block_mask`` or a decoding loop whose cost is partly on the
+    host. CPU timings are always wall-clock.
+    """
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if not cuda:  # no compilation or autotuning to absorb, and CPU calls are slow: keep the CPU run short
+        warmup, min_reps = min(warmup, 1), min(min_reps, 3)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(max_reps, max(min_reps, budget_s / once)))
+    samples: list[float] = []
+    if cuda and not wall:
+        buf = _flush(device) if flush else None
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            if buf is not None:
+                buf.zero_()
+            start.record()
+            fn()
+            end.record()
+        sync()
+        samples = [s.elapsed_time(e) for s, e in events]
+    else:
+        for _ in range(reps):
+            if cuda and flush:
+                _flush(device).zero_()
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return _summary(samples)

@@ -1,0 +1,173 @@
+"""The CPU-runnable pieces of bench/: pytest-benchmark timings (reported, never asserted) of the torch paths, and
+checks that the benchmark harness counts work correctly and writes rows that follow bench/README.md's schema."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from layouts import random_layout
+
+from aspd_kernels import BranchLayout, branch_attention, branch_attention_with_kvcache, remap_positions
+from aspd_kernels.reference import dense_mask
+from bench import __main__ as bench_main
+from bench import bench_branch_attention, bench_branch_attention_with_kvcache, bench_remap_positions
+from bench import bench_rope_append_kv, report
+from bench.cases import AttnCase, build_layout, visible_counts
+from bench.common import ROW_KEYS, validate_row
+
+# ----------------------------------------------------------------------------------- work counted by the harness
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_visible_counts_match_dense_mask(seed):
+    seg, br = random_layout(seed, max_tokens=300)
+    assert torch.equal(visible_counts(seg, br), dense_mask(seg, br).sum(1).long())
+
+
+@pytest.mark.parametrize("n,k", [(256, 1), (1000, 7), (4096, 64)])
+@pytest.mark.parametrize("storage", ["contiguous", "interleaved"])
+@pytest.mark.parametrize("decode", [False, True])
+def test_bench_layouts(n, k, storage, decode):
+    seg, br, info = build_layout(n, k, storage, decode)
+    assert seg.numel() == n
+    assert info["prefix"] + k * info["branch_len"] + info["suffix"] == n
+    assert torch.equal(visible_counts(seg, br)[-64:], dense_mask(seg, br)[-64:].sum(1).long())
+    if decode:  # the queries of a decoding step: the newest token of every branch, in branch order
+        assert br[n - k:].tolist() == list(range(1, k + 1))
+        assert [int((br == j).sum()) for j in range(1, k + 1)] == [info["branch_len"]] * k
+
+
+# ---------------------------------------------------------------------------------- pytest-benchmark timings
+
+
+def test_bench_remap_positions_torch(benchmark):
+    seg, br, info = build_layout(8192, 16, "interleaved", decode=False)
+    pos = benchmark(lambda: remap_positions(seg, br, backend="torch", check_values=False))
+    p, length, s = info["prefix"], info["branch_len"], info["suffix"]
+    lay = BranchLayout.from_sections([("serial", p), ("parallel", [length] * 16), ("serial", s)], "interleaved")
+    assert torch.equal(pos, lay.positions())
+    assert int(pos[-1]) == 8191  # same-sequential: the suffix continues after the sum of branch lengths
+
+
+def test_bench_branch_layout_from_sections(benchmark):
+    lay = benchmark(lambda: BranchLayout.from_sections([("serial", 2048), ("parallel", [128] * 16)], "interleaved"))
+    assert len(lay) == 4096
+
+
+def test_bench_branch_attention_torch(benchmark):
+    seg, br, _ = build_layout(384, 4, "interleaved", decode=False)
+    q, k, v = torch.randn(384, 4, 32), torch.randn(384, 2, 32), torch.randn(384, 2, 32)
+    cu = torch.tensor([0, 384], dtype=torch.int32)
+    out = benchmark(lambda: branch_attention(q, k, v, seg, br, cu, cu, 384, 384, backend="torch", check_values=False))
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def test_bench_kvcache_torch(benchmark):
+    seg, br, _ = build_layout(2048, 8, "interleaved", decode=True)
+    kc, vc = torch.randn(1, 2048, 2, 64), torch.randn(1, 2048, 2, 64)
+    q = torch.randn(1, 8, 8, 64)
+    lens = torch.tensor([2048], dtype=torch.int32)
+    out = benchmark(lambda: branch_attention_with_kvcache(q, kc, vc, lens, seg[None], br[None], backend="torch",
+                                                          check_values=False))
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------ the harness end to end
+
+
+def _tiny_cases(monkeypatch):
+    monkeypatch.setattr(bench_branch_attention, "cases",
+                        lambda ctx: [AttnCase(160, 3, "interleaved", 4, 2, 32, "tokens"),
+                                     AttnCase(200, 2, "contiguous", 4, 4, 32, "tokens")])
+    monkeypatch.setattr(bench_branch_attention_with_kvcache, "cases",
+                        lambda ctx: [AttnCase(300, 5, "interleaved", 4, 2, 32, "tokens")])
+    monkeypatch.setattr(bench_remap_positions, "cases",
+                        lambda ctx: [bench_remap_positions.PosCase(512, 4, "interleaved", "tokens")])
+    monkeypatch.setattr(bench_rope_append_kv, "cases",
+                        lambda ctx: [bench_rope_append_kv.RopeCase(4, 256, 4, 2, 32, "decode")])
+
+
+def test_harness_writes_valid_rows(tmp_path, monkeypatch):
+    _tiny_cases(monkeypatch)
+    ops = "branch_attention,branch_attention_with_kvcache,remap_positions,rope_append_kv"
+    rc = bench_main.main(["--ops", ops, "--out", str(tmp_path), "--tag", "t", "--budget-s", "0.01",
+                          "--device", "cpu"])
+    files = sorted(os.listdir(tmp_path))
+    jsonl = [f for f in files if f.endswith("-cpu-t.jsonl")]
+    assert len(jsonl) == 1, files
+    prefix = jsonl[0][: -len(".jsonl")]
+    assert prefix + ".md" in files and prefix + ".png" in files
+    with open(tmp_path / jsonl[0]) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        assert validate_row(r) == [], (r["op"], r.get("backend"), r.get("baseline"), validate_row(r))
+        assert set(ROW_KEYS) <= set(r)
+    errors = [(r["op"], r["backend"] or r["baseline"], r["reason"]) for r in rows if r["status"] == "error"]
+    assert rc == (1 if errors else 0)
+    assert not errors, errors
+    ceilings = {r["baseline"]: r for r in rows if r["op"] == "ceiling"}
+    assert ceilings["copy"]["gbps"] > 0 and ceilings["matmul"]["tflops"] > 0
+    for op in ops.split(","):
+        torch_rows = [r for r in rows if r["op"] == op and r["backend"] == "torch"]
+        assert torch_rows and all(r["status"] == "ok" for r in torch_rows), op
+        for r in torch_rows:
+            assert r["gbps"] > 0 and r["fraction_of_ceiling"]["bandwidth"] > 0
+            assert r["ratio"], f"{op}: no ratio to any baseline"
+            base = {b["baseline"]: b["ms"] for b in rows if b["op"] == op and b["baseline"] and b["status"] == "ok"
+                    and b["shape"] == r["shape"] and b["layout"] == r["layout"]}
+            for name, ms in base.items():
+                assert r["ratio"][name] == pytest.approx(ms / r["ms"])
+        skipped = [r for r in rows if r["op"] == op and r["status"] == "skipped"]
+        assert all(r["reason"] for r in skipped)
+        assert {r["backend"] for r in skipped if r["backend"]} >= {"cuda", "triton"}  # no GPU here
+    attn = [r for r in rows if r["op"] == "branch_attention" and r["backend"] == "torch"]
+    for r in attn:  # FLOP from visible pairs: 4 * Hq * D * pairs
+        assert r["flops"] == 4 * r["shape"]["Hq"] * r["shape"]["D"] * r["layout"]["visible_pairs"]
+        assert r["layout"]["visible_pairs"] < r["layout"]["causal_pairs"]
+    flex = [r for r in rows if r["baseline"] == "flex" and r["status"] == "ok"]
+    assert flex and all(r["extra_ms"]["layout_changes"] > r["ms"] for r in flex)
+    md = report.markdown(rows)
+    assert "not the point" in md and "## branch_attention" in md
+
+
+def test_report_on_a_mask_cap_skip(tmp_path, monkeypatch):
+    _tiny_cases(monkeypatch)
+    rc = bench_main.main(["--ops", "branch_attention", "--out", str(tmp_path), "--budget-s", "0.01",
+                          "--device", "cpu", "--mask-cap-gb", "0.00001"])
+    assert rc == 0
+    rows = report.load([str(p) for p in tmp_path.glob("*.jsonl")])
+    dense = [r for r in rows if r["baseline"] == "sdpa_dense"]
+    assert dense and all(r["status"] == "skipped" and "cap" in r["reason"] for r in dense)
+    assert "Skipped and failed" in report.markdown(rows)
+
+
+def test_e2e_tiny_model_or_clear_error():
+    """With the decoder: a real tiny run whose parallel decoding needs fewer forward passes than serial decoding.
+    Without it: an error row naming the missing decoder (never a number)."""
+    from bench import bench_e2e
+    from bench.common import Context, environment
+
+    ctx = Context(device=torch.device("cpu"), dtype=torch.float32, grid="cpu", ceilings={}, budget_s=0.01,
+                  mask_cap_bytes=1 << 20, torch_backend_max_tokens=0, env=environment(torch.device("cpu")))
+    case = bench_e2e.E2ECase("tiny-llama-cpu", (1, 3), 6, (), 3, 2, 8, 2)
+    rows = bench_e2e.run_case(ctx, case)
+    for r in rows:
+        assert validate_row(r) == []
+    try:
+        import aspd_kernels.decoder as dec  # noqa: F401
+        has = hasattr(dec, "ParallelDecoder")
+    except ImportError:
+        has = False
+    if not has:
+        assert len(rows) == 1 and rows[0]["status"] == "error" and "decoder" in rows[0]["reason"]
+        pytest.skip("aspd_kernels.decoder.ParallelDecoder does not exist yet: the e2e gives an error row")
+    assert all(r["status"] == "ok" for r in rows), [r["reason"] for r in rows]
+    par = [r for r in rows if r["backend"] and r["layout"]["workload"] == "branches"]
+    assert [r["layout"]["K"] for r in par] == [1, 3]
+    k3 = par[1]["e2e"]
+    assert k3["generated_tokens"] == 3 * 6
+    assert k3["forward_passes"] < k3["serial_forward_passes"]
+    mixed = [r for r in rows if r["backend"] and r["layout"]["workload"] == "mixed"]
+    assert mixed and 2.8 < mixed[0]["e2e"]["speedup_limit"] < 2.9

@@ -200,11 +200,11 @@ def test_sample_filters():
 def test_logits_equal_transformers(pair):
     """Not only the argmax: the decoder's float32 logits over a prompt, and over a parallel section against the
     dense-mask forward, equal transformers' to float32 rounding."""
-    from aspd_kernels.decoder.engine import _Run
+    from aspd_kernels.decoder.request import Request
 
     model, dec = pair
     prompt, prompts = _prompts(2, 3, prefix_len=9)
-    run = _Run(dec, "same-sequential")
+    run = Request(dec, "same-sequential")
     slots = [run.place(t) for t in prompt]
     ours = run.forward(slots)
     with torch.no_grad():
@@ -212,8 +212,33 @@ def test_logits_equal_transformers(pair):
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
     res = dec.generate_branches(prompt, prompts, 3, suffix_ids=[4, 5], max_suffix_tokens=2)
-    run = _Run(dec, "same-sequential")
+    run = Request(dec, "same-sequential")
     run.tokens, run.seg, run.br = res.sequence.tolist(), res.segment.tolist(), res.branch.tolist()
     run.pos = res.positions.tolist()
     ours = run.forward(list(range(len(run.tokens))))
     torch.testing.assert_close(ours, dense_logits(model, res), atol=2e-5, rtol=1e-4)
+
+
+def test_batch_of_requests_equals_one_by_one(pair):
+    """Three requests with their own prefixes, branch counts, strategies' layouts and suffixes share forward passes
+    (one cache row each) and decode exactly as they do alone."""
+    from aspd_kernels.decoder import ParallelDecoder
+
+    model, dec = pair
+    batch_dec = ParallelDecoder.from_hf(model, max_seq_len=512, max_batch=3)
+    reqs = [_prompts(30 + i, k, prefix_len=n) for i, (k, n) in enumerate([(3, 5), (1, 2), (6, 9)])]
+    alone = [dec.generate_serial(r[0] + p, 6).suffix for r in reqs for p in r[1]]
+    eos = _pick_eos(alone, step=1)
+    suffixes = [[1, 2], None, [3]]
+    for strategy in ("same-sequential", "fixed-length"):
+        got = batch_dec.generate_branches_batch([r[0] for r in reqs], [r[1] for r in reqs], 6, eos_token_id=eos,
+                                                suffix_ids=suffixes, max_suffix_tokens=0,
+                                                position_strategy=strategy)
+        for (prefix, prompts), s, g in zip(reqs, suffixes, got):
+            want = dec.generate_branches(prefix, prompts, 6, eos_token_id=eos, suffix_ids=s,
+                                         position_strategy=strategy)
+            assert g.branches == want.branches
+            assert torch.equal(g.sequence, want.sequence) and torch.equal(g.positions, want.positions)
+            assert g.forward_passes == want.forward_passes
+    with pytest.raises(ValueError, match="max_batch"):
+        batch_dec.generate_branches_batch([[1]] * 4, [[[2]]] * 4, 2)

@@ -196,3 +196,21 @@ def test_budget_runs_out_inside_a_section(run):
     assert res.suffix == []
     # prompt, 10 serial steps, the section's prefill (with <|para|>), the closing pass
     assert res.forward_passes == 1 + 10 + 1 + 1
+
+
+def test_batch_of_prompts_equals_one_by_one(run):
+    """Two prompts in one batch: one may be inside a parallel section while the other decodes serially; each
+    result equals its one-request run."""
+    from aspd_kernels.decoder import ParallelDecoder
+
+    model, dec, res = run
+    other = [7, 8, 9, 10, 11, 12]  # the script reads the prompt length, so keep it
+    batch_dec = ParallelDecoder.from_hf(model, max_seq_len=512, max_batch=2)
+    got = batch_dec.generate_batch([other, PROMPT], 50, TK, eos_token_id=EOS, max_branch_tokens=10,
+                                   logits_processor=processor)
+    want = [dec.generate(p, 50, TK, eos_token_id=EOS, max_branch_tokens=10, logits_processor=processor)
+            for p in (other, PROMPT)]
+    for g, w in zip(got, want):
+        assert g.branches == w.branches and g.suffix == w.suffix
+        assert torch.equal(g.sequence, w.sequence) and torch.equal(g.positions, w.positions)
+        assert [len(s) for s in g.branches] == list(SECTIONS)

@@ -6,202 +6,70 @@ one token per live branch (interleaved), or the last tokens of the finished bran
 tokens that close the section (the suffix, or ``<|/para|>``). A branch that emits its end token is fed once more,
 in the next forward pass, and then adds nothing; nothing is ever recomputed. Rotary positions come from a counter
 that follows SPEC §3 for the chosen strategy.
+
+Each request's decoding is a generator ("program") that yields the slots whose logits it needs and receives them;
+a driver runs the programs of a batch in lockstep, one forward pass for all of them per round (each request in its
+own cache row, with its own layout; a request with nothing to feed sits the round out with ``q_seqlens = 0``).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 from torch import Tensor
 
-from ..layout import BranchLayout
-from ..reference import STRATEGIES
 from ..tokens import AspdTokens
 from .cache import KVCache
 from .graphs import DecodeGraphs
 from .model import Batch, Transformer
+from .request import Request
 from .result import DecodeResult
 from .sampling import Grammar, SamplingParams, sample
 from .weights import build, parse_dtype, read_directory, read_module
 
 LogitsProcessor = Callable[[Tensor, list[list[int]]], Tensor]
-
-
-class _Positions:
-    """SPEC §3's counter ``c``, advanced token by token as the decoder places them."""
-
-    def __init__(self, strategy: str) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"position_strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.strategy = strategy
-        self.c = 0
-        self.lengths: dict[int, int] = {}
-        self.width = 0
-
-    def serial(self, slot: int) -> int:
-        if self.strategy == "sequential":
-            return slot
-        self.c += 1
-        return self.c - 1
-
-    def open(self, num_branches: int, width: int) -> None:
-        self.lengths = {j: 0 for j in range(1, num_branches + 1)}
-        self.width = width
-
-    def branch(self, j: int, slot: int) -> int:
-        t = self.lengths[j]
-        self.lengths[j] = t + 1
-        if self.strategy == "sequential":
-            return slot
-        if self.strategy == "fixed-length":
-            if t >= self.width:
-                raise ValueError(f"branch {j} outgrew the fixed-length width {self.width}")
-            return self.c + (j - 1) * self.width + t
-        return self.c + t
-
-    def close(self) -> None:
-        if self.strategy == "same-sequential":
-            self.c += sum(self.lengths.values())
-        elif self.strategy == "same-max":
-            self.c += max(self.lengths.values())
-        elif self.strategy == "fixed-length":
-            self.c += len(self.lengths) * self.width
-
-
-class _Run:
-    """One request: the host-side record of every slot (token, ids, position) and how many are in the cache."""
-
-    def __init__(self, dec: "ParallelDecoder", strategy: str) -> None:
-        self.dec = dec
-        self.fed = 0
-        self.tokens: list[int] = []
-        self.seg: list[int] = []
-        self.br: list[int] = []
-        self.pos: list[int] = []
-        self.sampled: list[bool] = []
-        self.layout = BranchLayout()
-        self.counter = _Positions(strategy)
-        self.section = -1
-        self.parallel = False
-        self.section_start = 0
-        self.forward_passes = 0
-        self.widths: list[int] = []
-
-    def place(self, token: int, j: int = 0, sampled: bool = False) -> int:
-        """Put ``token`` at the next slot (serial if ``j == 0``, else branch ``j`` of the open section)."""
-        slot = len(self.tokens)
-        if slot >= self.dec.max_seq_len:
-            raise ValueError(f"the sequence outgrew max_seq_len={self.dec.max_seq_len}")
-        if j == 0:
-            if self.parallel:
-                self.close_section()
-            if not self.br or self.br[-1] != 0:
-                self.section += 1
-            pos = self.counter.serial(slot)
-            self.layout.append_serial(1)
-        else:
-            pos = self.counter.branch(j, slot)
-            self.layout.append_branch(j, 1)
-        if pos >= self.dec.max_position:
-            raise ValueError(f"position {pos} exceeds the rotary table ({self.dec.max_position} rows; raise "
-                             "max_position)")
-        self.tokens.append(int(token))
-        self.seg.append(self.section)
-        self.br.append(j)
-        self.pos.append(pos)
-        self.sampled.append(sampled)
-        return slot
-
-    def open_section(self, num_branches: int, width: int) -> None:
-        self.section += 1
-        self.parallel = True
-        self.section_start = len(self.tokens)
-        self.layout.open_parallel()
-        self.counter.open(num_branches, width)
-        if self.counter.strategy == "fixed-length":
-            self.widths.append(width)
-
-    def close_section(self) -> None:
-        self.parallel = False
-        self.layout.close_parallel()
-        self.counter.close()
-
-    def history(self, slot: int) -> list[int]:
-        """The tokens slot ``slot`` sees (SPEC §2), in storage order, itself included."""
-        s, b = self.seg[slot], self.br[slot]
-        return [self.tokens[k] for k in range(slot + 1) if self.seg[k] != s or self.br[k] == b]
-
-    def forward(self, rows: Sequence[int] = ()) -> Tensor | None:
-        """Feed every placed, unfed slot in one forward pass; logits float32 ``[len(rows), V]`` of the slots
-        ``rows`` (absolute slot indices among those fed), or None when no row is asked for."""
-        a, e = self.fed, len(self.tokens)
-        if e == a:
-            raise RuntimeError("forward with nothing to feed")
-        logits = self.dec._forward(self.tokens[a:e], self.pos[a:e], self.seg[a:e], self.br[a:e], a,
-                                   [r - a for r in rows])
-        self.fed = e
-        self.forward_passes += 1
-        return logits
-
-    def result(self, branches: list, suffix: list[int], t0: float, t1: float, t2: float) -> DecodeResult:
-        lay = self.layout
-        seg, br = torch.tensor(self.seg, dtype=torch.int32), torch.tensor(self.br, dtype=torch.int32)
-        # the layout helper and the decoder's own bookkeeping must agree slot for slot
-        assert torch.equal(lay.segment, seg) and torch.equal(lay.branch, br), "layout bookkeeping diverged"
-        return DecodeResult(
-            sequence=torch.tensor(self.tokens, dtype=torch.int64), segment=seg, branch=br,
-            positions=torch.tensor(self.pos, dtype=torch.int32), sampled=torch.tensor(self.sampled),
-            layout=lay, branches=branches, suffix=suffix, forward_passes=self.forward_passes,
-            position_strategy=self.counter.strategy,
-            width=self.widths if self.counter.strategy == "fixed-length" else None,
-            prefill_s=t1 - t0, decode_s=t2 - t1, total_s=t2 - t0,
-        )
-
-
-def _ids(name: str, ids, vocab: int) -> list[int]:
-    if isinstance(ids, Tensor):
-        ids = ids.reshape(-1).tolist()
-    ids = [int(t) for t in ids]
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"{name} holds token ids outside [0, {vocab}): {bad[:5]}")
-    return ids
+Program = Generator[list[int], "Tensor | None", DecodeResult]
 
 
 class ParallelDecoder:
     """A Llama-family model with a static KV cache, decoding serial text and parallel sections in one sequence.
 
     Build with :meth:`from_hf`. ``max_seq_len`` bounds the slots of one request; ``max_position`` the rotary
-    positions (they can exceed the slots with the fixed-length strategy). Batch 1: one request per call.
+    positions (they can exceed the slots with the fixed-length strategy); ``max_batch`` the requests decoded
+    together by the ``*_batch`` methods (each has its own cache row).
     """
 
-    def __init__(self, model: Transformer, *, max_seq_len: int = 4096, cuda_graphs: bool | None = None,
-                 check_values: bool | None = None) -> None:
+    def __init__(self, model: Transformer, *, max_seq_len: int = 4096, max_batch: int = 1,
+                 cuda_graphs: bool | None = None, check_values: bool | None = None) -> None:
         self.model = model
         cfg = model.config
         if cfg.sliding_window is not None and max_seq_len > cfg.sliding_window:
             raise ValueError(f"the model uses a sliding window of {cfg.sliding_window} tokens, which the ops do not "
                              f"implement: use max_seq_len <= {cfg.sliding_window}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.max_seq_len = max_seq_len
         self.max_position = model.cos_sin.shape[0]
         self.vocab_size = cfg.vocab_size
-        self.cache = KVCache(cfg.num_layers, 1, max_seq_len, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        self.cache = KVCache(cfg.num_layers, max_batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, self.dtype,
+                             self.device)
         on_cuda = self.device.type == "cuda"
         # value checks read the device (a sync per op); the engine validates its own inputs on the host
         self.check_values = (not on_cuda) if check_values is None else check_values
         if cuda_graphs is None:
-            cuda_graphs = on_cuda and _capturable(self.device)
-        if cuda_graphs and not on_cuda:
-            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+            cuda_graphs = on_cuda and max_batch == 1 and _capturable(self.device)
+        if cuda_graphs and (not on_cuda or max_batch != 1):
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device and max_batch=1")
         self.graphs = DecodeGraphs(model, self.cache) if cuda_graphs else None
 
     @classmethod
     def from_hf(cls, model_or_path, *, device: torch.device | str | None = None,
                 dtype: torch.dtype | str | None = None, max_seq_len: int = 4096, max_position: int | None = None,
-                cuda_graphs: bool | None = None, check_values: bool | None = None) -> "ParallelDecoder":
+                max_batch: int = 1, cuda_graphs: bool | None = None,
+                check_values: bool | None = None) -> "ParallelDecoder":
         """From a local Hugging Face directory (``config.json`` + safetensors) or an in-memory ``transformers``
         causal LM (its tensors are shared when device and dtype already match).
 
@@ -220,46 +88,100 @@ class ParallelDecoder:
             default_dtype = p.dtype
         model = build(cfg, state, device=dev, dtype=parse_dtype(dtype) or default_dtype,
                       max_position=max_position or max_seq_len)
-        return cls(model, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs, check_values=check_values)
+        return cls(model, max_seq_len=max_seq_len, max_batch=max_batch, cuda_graphs=cuda_graphs,
+                   check_values=check_values)
 
     # ------------------------------------------------------------------ forward
-    def _forward(self, tokens: list[int], positions: list[int], segment: list[int], branch: list[int],
-                 start: int, rows: list[int]) -> Tensor | None:
-        end = start + len(tokens)
-        if self.graphs is not None:
-            out = self.graphs.run(tokens, positions, segment, branch, end)
-            if out is not None:
-                return out[rows] if rows else None
+    def _feed(self, asks: list[tuple[Request, list[int]]]) -> list[Tensor | None]:
+        """One forward pass over the unfed slots of each asking request; per request the float32 logits
+        ``[len(rows), V]`` of its slots ``rows`` (None when it asks for none)."""
+        spans = []
+        for req, rows in asks:
+            a, e = req.fed, len(req.tokens)
+            if e == a:
+                raise RuntimeError("a forward pass with nothing to feed")
+            spans.append((a, e))
+        outs = None
+        if self.graphs is not None and len(asks) == 1:
+            (req, rows), (a, e) = asks[0], spans[0]
+            full = self.graphs.run(req.tokens[a:e], req.pos[a:e], req.seg[a:e], req.br[a:e], e)
+            if full is not None:
+                outs = [full[[r - a for r in rows]] if rows else None]
+        if outs is None:
+            outs = self._eager(asks, spans)
+        for (req, _), (_, e) in zip(asks, spans):
+            req.fed = e
+            req.forward_passes += 1
+        return outs
+
+    def _eager(self, asks: list[tuple[Request, list[int]]], spans: list[tuple[int, int]]) -> list[Tensor | None]:
+        bsz = self.cache.k.shape[1]
+        width = max(e - a for a, e in spans)
+        tok = torch.zeros((bsz, width), dtype=torch.int64)
+        ids = torch.zeros((3, bsz, width), dtype=torch.int32)
+        lens = torch.zeros((2, bsz), dtype=torch.int32)  # rows not asking: q_seqlens 0, nothing read or written
+        pick_b, pick_t = [], []
+        for (req, rows), (a, e) in zip(asks, spans):
+            b, n = req.row, e - a
+            tok[b, :n] = torch.tensor(req.tokens[a:e])
+            ids[:, b, :n] = torch.tensor([req.pos[a:e], req.seg[a:e], req.br[a:e]], dtype=torch.int32)
+            lens[:, b] = torch.tensor([e, n], dtype=torch.int32)
+            pick_b += [b] * len(rows)
+            pick_t += [r - a for r in rows]
         dev = self.device
-        i32 = dict(dtype=torch.int32, device=dev)
-        b = Batch(torch.tensor([tokens], dtype=torch.int64, device=dev), torch.tensor([positions], **i32),
-                  torch.tensor([segment], **i32), torch.tensor([branch], **i32), torch.tensor([end], **i32),
-                  torch.tensor([len(tokens)], **i32))
-        h = self.model.hidden(b, self.cache, self.check_values)[0]
-        return self.model.logits(h[rows]) if rows else None
+        tok, ids, lens = tok.to(dev), ids.to(dev), lens.to(dev)
+        h = self.model.hidden(Batch(tok, ids[0], ids[1], ids[2], lens[0], lens[1]), self.cache, self.check_values)
+        logits = self.model.logits(h[pick_b, pick_t]) if pick_b else None
+        outs, k = [], 0
+        for _, rows in asks:
+            outs.append(logits[k:k + len(rows)] if rows else None)
+            k += len(rows)
+        return outs
+
+    def _drive(self, programs: list[tuple[Request, Program]]) -> list[DecodeResult]:
+        """Run each request's program to completion, one batched forward pass per round for all that ask."""
+        results: list[DecodeResult | None] = [None] * len(programs)
+        asks: dict[int, tuple[Request, list[int]]] = {}
+
+        def advance(i: int, value) -> None:
+            req, prog = programs[i]
+            try:
+                asks[i] = (req, prog.send(value))
+            except StopIteration as stop:
+                results[i] = stop.value
+                asks.pop(i, None)
+
+        for i in range(len(programs)):
+            advance(i, None)
+        while asks:
+            order = sorted(asks)
+            outs = self._feed([asks[i] for i in order])
+            for i, out in zip(order, outs):
+                advance(i, out)
+        return results  # type: ignore[return-value]
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _sample(self, run: _Run, logits: Tensor, rows: list[int], params: SamplingParams,
+    def _sample(self, req: Request, logits: Tensor, rows: list[int], params: SamplingParams,
                 gen: torch.Generator | None, bias: Tensor | None, processor: LogitsProcessor | None) -> list[int]:
         if processor is not None:
-            logits = processor(logits, [run.history(r) for r in rows])
+            logits = processor(logits, [req.history(r) for r in rows])
         # the one host sync per step: which branches are still live decides the next step's shape
         return sample(logits, params, gen, bias).tolist()
 
-    def _branch_loop(self, run: _Run, logits: Tensor, rows: list[int], limit: int, stop: set[int],
+    # ------------------------------------------------------------ programs
+    def _branch_loop(self, req: Request, logits: Tensor, rows: list[int], limit: int, stop: set[int],
                      params: SamplingParams, gen, bias: Tensor | None, processor: LogitsProcessor | None,
-                     budget: list[int] | None, progress: Callable[[int], None] | None) -> list[list[int]]:
+                     budget: list[int] | None, progress) -> Generator[list[int], Tensor, list[list[int]]]:
         """Decode the open section's branches from their first logits until each stops. Returns each branch's
         generated tokens; the last ones are placed but left for the caller's closing forward pass."""
-        k = len(rows)
-        out: list[list[int]] = [[] for _ in range(k)]
-        live = list(range(1, k + 1))
+        out: list[list[int]] = [[] for _ in rows]
+        live = list(range(1, len(rows) + 1))
         while True:
-            toks = self._sample(run, logits, rows, params, gen, bias, processor)
+            toks = self._sample(req, logits, rows, params, gen, bias, processor)
             cut = False
             if budget is not None:
                 budget[0] -= len(toks)
@@ -267,7 +189,7 @@ class ParallelDecoder:
             rows, still = [], []
             for j, t in zip(live, toks):
                 out[j - 1].append(t)
-                slot = run.place(t, j, sampled=True)
+                slot = req.place(t, j, sampled=True)
                 if not cut and t not in stop and len(out[j - 1]) < limit:
                     still.append(j)
                     rows.append(slot)
@@ -275,10 +197,112 @@ class ParallelDecoder:
                 progress(len(toks))
             if not still:
                 return out
-            logits = run.forward(rows)
+            logits = yield rows
             live = still
 
+    def _branches_program(self, req: Request, prefix: list[int], prompts: list[list[int]], max_new_tokens: int,
+                          stop: set[int], suffix_in: list[int], max_suffix_tokens: int, width: int,
+                          params: SamplingParams, gen, processor, progress) -> Program:
+        for t in prefix:
+            req.place(t)
+        if prefix:
+            yield []
+        req.open_section(len(prompts), width)
+        rows = []
+        for j, p in enumerate(prompts, start=1):
+            for t in p:
+                slot = req.place(t, j)
+            rows.append(slot)
+        logits = yield rows
+        req.t1 = self._sync()
+        branches = yield from self._branch_loop(req, logits, rows, max_new_tokens, stop, params, gen, None,
+                                                processor, None, progress)
+        req.close_section()
+        suffix: list[int] = []
+        last = None
+        for t in suffix_in:
+            last = req.place(t)
+        logits = yield ([last] if max_suffix_tokens else [])
+        for i in range(max_suffix_tokens):
+            t = self._sample(req, logits, [last], params, gen, None, processor)[0]
+            suffix.append(t)
+            last = req.place(t, sampled=True)
+            if progress is not None:
+                progress(1)
+            if t in stop or i == max_suffix_tokens - 1:
+                break
+            logits = yield [last]
+        return req.result(branches, suffix, self._sync())
+
+    def _serial_program(self, req: Request, prompt: list[int], max_new_tokens: int, stop: set[int],
+                        params: SamplingParams, gen, grammar: Grammar | None, processor, progress,
+                        width: int | None, max_branch_tokens: int) -> Program:
+        for t in prompt:
+            last = req.place(t)
+        logits = yield [last]
+        req.t1 = self._sync()
+        text = list(prompt)  # the current serial section, where titles are looked for
+        sections: list[list[list[int]]] = []
+        suffix: list[int] = []
+        budget = [max_new_tokens]
+        while budget[0] > 0:
+            bias = None
+            if grammar is not None:
+                bias = grammar.serial_bias(text[-1], _title_open(text, grammar.tokens))
+            t = self._sample(req, logits, [last], params, gen, bias, processor)[0]
+            budget[0] -= 1
+            suffix.append(t)
+            text.append(t)
+            last = req.place(t, sampled=True)
+            if progress is not None:
+                progress(1)
+            if t in stop or budget[0] <= 0:
+                break
+            if grammar is not None and t == grammar.tokens.para:
+                branches, last, logits = yield from self._section(req, text, grammar, max_branch_tokens, width,
+                                                                  stop, params, gen, processor, budget, progress)
+                sections.append(branches)
+                suffix = []
+                text = [grammar.tokens.para_end]
+                continue
+            logits = yield [last]
+        return req.result(sections if grammar is not None else [], suffix, self._sync())
+
+    def _section(self, req: Request, text: list[int], grammar: Grammar, limit: int, width: int | None,
+                 stop: set[int], params, gen, processor, budget: list[int], progress):
+        """One parallel section after a sampled ``<|para|>`` (placed, not fed). Returns the branches' tokens and
+        the slot and logits of the closing ``<|/para|>``."""
+        tk = grammar.tokens
+        titles = _titles(text, tk)
+        if not titles:
+            raise RuntimeError("<|para|> without a title: the grammar should have prevented it")
+        prompts = [[tk.branch] + title for title in titles]
+        need = limit + max(map(len, prompts))
+        w = width if width is not None else need
+        if w < need and req.counter.strategy == "fixed-length":
+            raise ValueError(f"width={w} is below max_branch_tokens + longest branch prompt = {need}")
+        req.open_section(len(prompts), w)
+        rows = []
+        for j, p in enumerate(prompts, start=1):
+            for t in p:
+                slot = req.place(t, j)
+            rows.append(slot)
+        logits = yield rows  # the <|para|> (serial, placed before) rides along
+        out = yield from self._branch_loop(req, logits, rows, limit, stop | {tk.branch_end}, params, gen,
+                                           grammar.branch, processor, budget, progress)
+        slot = req.place(tk.para_end)
+        return out, slot, (yield [slot])
+
     # ------------------------------------------------------------ public API
+    def _requests(self, n: int, strategy: str) -> list[Request]:
+        if n > self.cache.k.shape[1]:
+            raise ValueError(f"{n} requests exceed max_batch={self.cache.k.shape[1]}")
+        reqs = [Request(self, strategy, row=b) for b in range(n)]
+        t0 = self._sync()
+        for r in reqs:
+            r.t0 = t0
+        return reqs
+
     @torch.inference_mode()
     def generate_branches(
         self,
@@ -307,62 +331,68 @@ class ParallelDecoder:
         ``logits_processor(logits [R, V], histories)`` may rewrite the logits; ``histories[r]`` are the tokens row
         r sees. ``progress(n)`` is called after each step with the tokens it sampled.
         """
-        v = self.vocab_size
-        prefix = _ids("prefix_ids", prefix_ids, v)
-        prompts = [_ids(f"branch_prompts[{j}]", p, v) for j, p in enumerate(branch_prompts)]
-        suffix_in = _ids("suffix_ids", suffix_ids if suffix_ids is not None else [], v)
+        return self.generate_branches_batch(
+            [prefix_ids], [branch_prompts], max_new_tokens, eos_token_id, None if suffix_ids is None else [suffix_ids],
+            max_suffix_tokens, position_strategy, temperature, top_k, top_p, seed, width=width,
+            logits_processor=logits_processor, progress=progress)[0]
+
+    @torch.inference_mode()
+    def generate_branches_batch(
+        self,
+        prefix_ids: Sequence[Sequence[int] | Tensor],
+        branch_prompts: Sequence[Sequence[Sequence[int] | Tensor]],
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None = None,
+        suffix_ids: Sequence[Sequence[int] | Tensor | None] | None = None,
+        max_suffix_tokens: int = 0,
+        position_strategy: str = "same-sequential",
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        *,
+        width: int | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[DecodeResult]:
+        """:meth:`generate_branches` for several requests at once (``prefix_ids[i]``, ``branch_prompts[i]``,
+        ``suffix_ids[i]``), each in its own cache row with its own layout, all advanced by shared forward passes.
+        Greedy results equal the one-request calls'."""
+        n = len(prefix_ids)
+        if len(branch_prompts) != n or (suffix_ids is not None and len(suffix_ids) != n):
+            raise ValueError("prefix_ids, branch_prompts (and suffix_ids) need one entry per request")
         params = SamplingParams(temperature, top_k, top_p, seed)
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("branch_prompts must hold at least one branch, each prompt at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if max_suffix_tokens and not suffix_in:
-            raise ValueError("max_suffix_tokens > 0 needs suffix_ids: the first serial token after the section "
-                             "is predicted from a serial token that sees every branch")
-        need = len(prefix) + sum(map(len, prompts)) + len(prompts) * max_new_tokens + len(suffix_in) \
-            + max_suffix_tokens
-        if need > self.max_seq_len:
-            raise ValueError(f"this request may need {need} slots, more than max_seq_len={self.max_seq_len}")
-        longest = max(map(len, prompts))
-        if width is None:
-            width = max_new_tokens + longest
-        elif width < max_new_tokens + longest:
-            raise ValueError(f"width={width} is below max_new_tokens + longest prompt = {max_new_tokens + longest}")
         stop = _stop_set(eos_token_id)
         gen = params.generator(self.device)
-
-        run = _Run(self, position_strategy)
-        t0 = self._sync()
-        for t in prefix:
-            run.place(t)
-        if prefix:
-            run.forward()
-        run.open_section(len(prompts), width)
-        rows = []
-        for j, p in enumerate(prompts, start=1):
-            for t in p:
-                slot = run.place(t, j)
-            rows.append(slot)
-        logits = run.forward(rows)
-        t1 = self._sync()
-        branches = self._branch_loop(run, logits, rows, max_new_tokens, stop, params, gen, None,
-                                     logits_processor, None, progress)
-        run.close_section()
-        suffix: list[int] = []
-        last = None
-        for t in suffix_in:
-            last = run.place(t)
-        logits = run.forward([last] if max_suffix_tokens else [])
-        for i in range(max_suffix_tokens):
-            t = self._sample(run, logits, [last], params, gen, None, logits_processor)[0]
-            suffix.append(t)
-            last = run.place(t, sampled=True)
-            if progress is not None:
-                progress(1)
-            if t in stop or i == max_suffix_tokens - 1:
-                break
-            logits = run.forward([last])
-        return run.result(branches, suffix, t0, t1, self._sync())
+        reqs = self._requests(n, position_strategy)
+        programs = []
+        for i, req in enumerate(reqs):
+            tag = "" if n == 1 else f"[{i}]"
+            v = self.vocab_size
+            prefix = _ids(f"prefix_ids{tag}", prefix_ids[i], v)
+            prompts = [_ids(f"branch_prompts{tag}[{j}]", p, v) for j, p in enumerate(branch_prompts[i])]
+            s = None if suffix_ids is None else suffix_ids[i]
+            suffix_in = _ids(f"suffix_ids{tag}", s if s is not None else [], v)
+            if not prompts or any(len(p) == 0 for p in prompts):
+                raise ValueError(f"branch_prompts{tag} must hold at least one branch, each prompt at least one "
+                                 "token")
+            if max_suffix_tokens and not suffix_in:
+                raise ValueError("max_suffix_tokens > 0 needs suffix_ids: the first serial token after the section "
+                                 "is predicted from a serial token that sees every branch")
+            need = len(prefix) + sum(map(len, prompts)) + len(prompts) * max_new_tokens + len(suffix_in) \
+                + max_suffix_tokens
+            if need > self.max_seq_len:
+                raise ValueError(f"request{tag} may need {need} slots, more than max_seq_len={self.max_seq_len}")
+            w = max_new_tokens + max(map(len, prompts))
+            if width is not None:
+                if width < w:
+                    raise ValueError(f"width={width} is below max_new_tokens + longest prompt = {w}")
+                w = width
+            programs.append((req, self._branches_program(req, prefix, prompts, max_new_tokens, stop, suffix_in,
+                                                   max_suffix_tokens, w, params, gen, logits_processor, progress)))
+        return self._drive(programs)
 
     @torch.inference_mode()
     def generate_serial(self, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int,
@@ -372,9 +402,9 @@ class ParallelDecoder:
                         progress: Callable[[int], None] | None = None) -> DecodeResult:
         """Plain autoregressive decoding (no sections): the baseline parallel decoding is measured against and the
         path the identities compare branches with. ``result.suffix`` holds the generated tokens."""
-        return self._serial(prompt_ids, max_new_tokens, _stop_set(eos_token_id),
-                            SamplingParams(temperature, top_k, top_p, seed), None, logits_processor, progress,
-                            "same-sequential", None, 0)
+        return self._serial_batch([prompt_ids], max_new_tokens, eos_token_id, None, "same-sequential",
+                                  SamplingParams(temperature, top_k, top_p, seed), None, 0, logits_processor,
+                                  progress)[0]
 
     @torch.inference_mode()
     def generate(
@@ -403,82 +433,64 @@ class ParallelDecoder:
         ``max_new_tokens`` bounds the sampled tokens (serial and branch), checked after each forward pass.
         ``width`` (fixed-length only): the stride, default ``max_branch_tokens + longest branch prompt`` per section.
         ``result.branches``: one list per parallel section; ``result.suffix``: the tokens sampled after the last.
+        Raises ``ValueError`` if the sequence outgrows ``max_seq_len``.
         """
-        grammar = Grammar(tokens, self.vocab_size, self.device)
-        return self._serial(prompt_ids, max_new_tokens, _stop_set(eos_token_id),
-                            SamplingParams(temperature, top_k, top_p, seed), grammar, logits_processor, progress,
-                            position_strategy, width, max_branch_tokens)
+        return self.generate_batch([prompt_ids], max_new_tokens, tokens, eos_token_id, max_branch_tokens,
+                                   position_strategy, temperature, top_k, top_p, seed, width=width,
+                                   logits_processor=logits_processor, progress=progress)[0]
 
-    def _serial(self, prompt_ids, max_new_tokens: int, stop: set[int], params: SamplingParams,
-                grammar: Grammar | None, processor, progress, strategy: str, width: int | None,
-                max_branch_tokens: int) -> DecodeResult:
-        prompt = _ids("prompt_ids", prompt_ids, self.vocab_size)
-        if not prompt:
-            raise ValueError("prompt_ids must hold at least one token")
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompt_ids: Sequence[Sequence[int] | Tensor],
+        max_new_tokens: int,
+        tokens: AspdTokens,
+        eos_token_id: int | Sequence[int] | None = None,
+        max_branch_tokens: int = 256,
+        position_strategy: str = "same-sequential",
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        *,
+        width: int | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[DecodeResult]:
+        """:meth:`generate` for several prompts at once, each in its own cache row: one request may be in a
+        parallel section while another decodes serially, all advanced by shared forward passes."""
+        if max_branch_tokens < 1:
+            raise ValueError(f"max_branch_tokens must be >= 1, got {max_branch_tokens}")
+        grammar = Grammar(tokens, self.vocab_size, self.device)
+        return self._serial_batch(prompt_ids, max_new_tokens, eos_token_id, grammar, position_strategy,
+                                  SamplingParams(temperature, top_k, top_p, seed), width, max_branch_tokens,
+                                  logits_processor, progress)
+
+    def _serial_batch(self, prompt_ids, max_new_tokens: int, eos, grammar: Grammar | None, strategy: str,
+                      params: SamplingParams, width: int | None, max_branch_tokens: int, processor,
+                      progress) -> list[DecodeResult]:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if grammar is not None and max_branch_tokens < 1:
-            raise ValueError(f"max_branch_tokens must be >= 1, got {max_branch_tokens}")
-        gen = params.generator(self.device)
-        run = _Run(self, strategy)
-        t0 = self._sync()
-        for t in prompt:
-            last = run.place(t)
-        logits = run.forward([last])
-        t1 = self._sync()
-        text = list(prompt)  # the current serial section, where titles are looked for
-        sections: list[list[list[int]]] = []
-        suffix: list[int] = []
-        budget = [max_new_tokens]
-        while budget[0] > 0:
-            bias = None
-            if grammar is not None:
-                bias = grammar.serial_bias(text[-1] if text else None, _title_open(text, grammar.tokens))
-            t = self._sample(run, logits, [last], params, gen, bias, processor)[0]
-            budget[0] -= 1
-            suffix.append(t)
-            text.append(t)
-            last = run.place(t, sampled=True)
-            if progress is not None:
-                progress(1)
-            if t in stop or budget[0] <= 0:
-                break
-            if grammar is not None and t == grammar.tokens.para:
-                branches, last, logits = self._section(run, text, grammar, max_branch_tokens, strategy, width,
-                                                       stop, params, gen, processor, budget, progress)
-                sections.append(branches)
-                suffix = []
-                text = [grammar.tokens.para_end]
-                continue
-            logits = run.forward([last])
-        branches = sections if grammar is not None else []
-        return run.result(branches, suffix, t0, t1, self._sync())
+        n = len(prompt_ids)
+        prompts = [_ids("prompt_ids" if n == 1 else f"prompt_ids[{i}]", p, self.vocab_size)
+                   for i, p in enumerate(prompt_ids)]
+        if any(not p for p in prompts):
+            raise ValueError("prompt_ids must hold at least one token")
+        stop, gen = _stop_set(eos), params.generator(self.device)
+        reqs = self._requests(n, strategy)
+        return self._drive([(r, self._serial_program(r, p, max_new_tokens, stop, params, gen, grammar, processor,
+                                                     progress, width, max_branch_tokens))
+                            for r, p in zip(reqs, prompts)])
 
-    def _section(self, run: _Run, text: list[int], grammar: Grammar, limit: int, strategy: str, width: int | None,
-                 stop: set[int], params, gen, processor, budget: list[int], progress
-                 ) -> tuple[list[list[int]], int, Tensor]:
-        """One parallel section after a sampled ``<|para|>`` (placed, not fed). Returns the branches' tokens and
-        the slot and logits of the closing ``<|/para|>``."""
-        tk = grammar.tokens
-        titles = _titles(text, tk)
-        if not titles:
-            raise RuntimeError("<|para|> without a title: the grammar should have prevented it")
-        prompts = [[tk.branch] + title for title in titles]
-        longest = max(map(len, prompts))
-        w = width if width is not None else limit + longest
-        if w < limit + longest and strategy == "fixed-length":
-            raise ValueError(f"width={w} is below max_branch_tokens + longest branch prompt = {limit + longest}")
-        run.open_section(len(prompts), w)
-        rows = []
-        for j, p in enumerate(prompts, start=1):
-            for t in p:
-                slot = run.place(t, j)
-            rows.append(slot)
-        logits = run.forward(rows)  # the <|para|> (serial, placed before) rides along
-        out = self._branch_loop(run, logits, rows, limit, stop | {tk.branch_end}, params, gen, grammar.branch,
-                                processor, budget, progress)
-        slot = run.place(tk.para_end)
-        return out, slot, run.forward([slot])
+
+def _ids(name: str, ids, vocab: int) -> list[int]:
+    if isinstance(ids, Tensor):
+        ids = ids.reshape(-1).tolist()
+    ids = [int(t) for t in ids]
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{name} holds token ids outside [0, {vocab}): {bad[:5]}")
+    return ids
 
 
 def _stop_set(eos) -> set[int]:

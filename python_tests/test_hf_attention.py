@@ -229,7 +229,8 @@ def test_generate_matches_eager(tok, cache):
     pad = torch.ones(2, 7, dtype=torch.long)
     pad[0, :3] = 0  # left padding, as batched generation does
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, cache_implementation=cache)
-    assert model.generate(ids, attention_mask=pad, **kw).tolist() == eager.generate(ids, attention_mask=pad, **kw).tolist()
+    got = model.generate(ids, attention_mask=pad, **kw)
+    assert got.tolist() == eager.generate(ids, attention_mask=pad, **kw).tolist()
     assert model.generate(ids[:1], **kw).tolist() == eager.generate(ids[:1], **kw).tolist()
 
 
@@ -257,10 +258,64 @@ def test_refusals(tok):
         cu = torch.tensor([0, 9], dtype=torch.int32)
         model(ids, attention_mask=torch.tensor([[0] + [1] * 8]), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
     with pytest.raises(ValueError, match="segment"):  # branch_attention's own checks: a decreasing segment
-        model(ids, aspd_segment=torch.tensor([[0, 1, 0, 0, 0, 0, 0, 0, 0]]), aspd_branch=torch.zeros(1, 9, dtype=torch.int32))
+        model(ids, aspd_segment=torch.tensor([[0, 1, 0, 0, 0, 0, 0, 0, 0]]),
+              aspd_branch=torch.zeros(1, 9, dtype=torch.int32))
     model.config.attention_dropout = 0.1
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.1
     model.train()
     with pytest.raises(NotImplementedError, match="dropout"):
         model(ids)
+
+
+_TRITON_SCRIPT = r"""
+import copy, os, sys
+import torch
+torch.set_num_threads(1)
+import aspd_kernels.hf as ah
+from aspd_kernels.hf.synthetic import byte_tokenizer, synthetic_dataset
+from aspd_kernels.reference import dense_mask
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+tok = byte_tokenizer()
+exs = [ah.encode_example(tok, p, r) for p, r in synthetic_dataset(2, seed=1)]
+batch = ah.AspdCollator()(exs)
+t = batch["input_ids"].shape[1]
+mask = torch.zeros(t, t, dtype=torch.bool)
+cu = batch["cu_seq_lens_q"].tolist()
+for i, e in enumerate(exs):
+    mask[cu[i]:cu[i + 1], cu[i]:cu[i + 1]] = dense_mask(e["segment"], e["branch"])
+cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(cfg, attn_implementation="aspd", dtype=torch.float32)
+sdpa = copy.deepcopy(model)
+sdpa.set_attn_implementation("sdpa")
+out = model(**batch, aspd_backend="triton")
+out.loss.backward()
+ref = sdpa(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+           attention_mask=mask[None, None])
+ref.loss.backward()
+torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+for (name, p), q in zip(model.named_parameters(), sdpa.parameters()):
+    err = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+    assert err < 1e-4, (name, err)
+print("ok")
+"""
+
+
+def test_triton_backend_interpreted():
+    """The GPU path's kernels (Triton, run by the interpreter on CPU) behind attn_implementation="aspd": loss and
+    gradients equal SDPA with the dense mask. A subprocess: TRITON_INTERPRET must be set before triton loads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=root)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -18,7 +18,8 @@ def build_example(prompt_ids: Sequence[int] | Tensor, response_ids: Sequence[int
                   cross_branch_labels: bool = False) -> dict[str, Tensor]:
     """Turn ``prompt + response`` (response in ASPD's format, branches stored contiguously::
 
-        serial <|title|>T1<|/title|><|title|>T2<|/title|><|para|><|branch|>T1 ...<|/branch|><|branch|>T2 ...<|/branch|><|/para|> serial
+        serial <|title|>T1<|/title|><|title|>T2<|/title|><|para|>
+               <|branch|>T1 ...<|/branch|><|branch|>T2 ...<|/branch|><|/para|> serial
 
     ) into one training example. Returns 1-D tensors of length ``N = len(prompt) + len(response)``:
 

@@ -90,3 +90,17 @@ def test_dtype_conversion_and_bad_directory(tmp_path):
     assert [len(b) for b in res.branches] == [3, 3]
     with pytest.raises(FileNotFoundError):
         ParallelDecoder.from_hf(str(tmp_path))
+
+
+def test_mistral_decodes_like_transformers_and_sliding_window_is_refused():
+    torch.manual_seed(6)
+    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=300, initializer_range=0.1,
+                                     sliding_window=None, attn_implementation="eager")
+    model = transformers.MistralForCausalLM(cfg).eval()
+    prompt = [3, 14, 15, 92, 65, 35]
+    assert decoder(model).generate_serial(prompt, 8).suffix == hf_greedy(model, prompt, 8, None)
+    model.config.sliding_window = 32
+    with pytest.raises(ValueError, match="sliding window"):
+        ParallelDecoder.from_hf(model, max_seq_len=64)
+    assert ParallelDecoder.from_hf(model, max_seq_len=32).max_seq_len == 32

@@ -96,7 +96,7 @@ class ParallelDecoder:
         """One forward pass over the unfed slots of each asking request; per request the float32 logits
         ``[len(rows), V]`` of its slots ``rows`` (None when it asks for none)."""
         spans = []
-        for req, rows in asks:
+        for req, _ in asks:
             a, e = req.fed, len(req.tokens)
             if e == a:
                 raise RuntimeError("a forward pass with nothing to feed")

@@ -62,7 +62,7 @@ class DecodeGraphs:
             try:
                 self._capture(b)
             except RuntimeError as e:  # an op path that is not capturable: stay eager from now on
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=2)
                 self.disabled = True
                 return None
         pad = [0] * (b - n)

@@ -207,6 +207,26 @@ def test_padding_mask_is_honoured(tok):
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-10, atol=1e-10)
 
 
+def test_padded_rows_with_layout(tok):
+    """Right-padded rows of branch examples ([B, L] layout ids, 2-D attention_mask) = each example alone."""
+    examples, _ = packed_batch(tok, n=3, seed=7)
+    n = max(len(e["input_ids"]) for e in examples)
+
+    def pad(key, value):
+        return torch.stack([torch.cat([e[key], e[key].new_full((n - len(e[key]),), value)]) for e in examples])
+
+    model = tiny_model("qwen2", len(tok))
+    mask = pad("input_ids", 0).new_zeros(len(examples), n)
+    for i, e in enumerate(examples):
+        mask[i, : len(e["input_ids"])] = 1
+    out = model(pad("input_ids", 0), attention_mask=mask, position_ids=pad("position_ids", 0),
+                aspd_segment=pad("segment", 0), aspd_branch=pad("branch", 0)).logits
+    for i, e in enumerate(examples):
+        alone = model(e["input_ids"][None], position_ids=e["position_ids"][None], aspd_segment=e["segment"][None],
+                      aspd_branch=e["branch"][None]).logits[0]
+        torch.testing.assert_close(out[i, : len(alone)], alone, rtol=1e-10, atol=1e-10)
+
+
 def test_packing_from_position_ids(tok):
     """No layout and no cu_seq_lens: restarting position ids split the row, as FlashAttention-2 does (and the
     SDPA mask, but only without a cache)."""

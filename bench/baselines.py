@@ -53,6 +53,23 @@ def _flex():
     return _compiled_flex
 
 
+def _block_mask_builder(mask_mod, q_len: int, kv_len: int, device: torch.device, compiled: bool):
+    """``create_block_mask`` as a user would call it: compiled (``_compile=True``, the fast path for long
+    sequences) where that works, else eager (seen failing: the CPU inductor build of the decode mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def build(c: bool):
+        return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device, _compile=c)
+
+    if compiled:
+        try:
+            build(True)
+            return lambda: build(True)
+        except Exception:  # noqa: BLE001 - fall back to the eager build, still a real block mask
+            warnings.warn("create_block_mask(_compile=True) failed; timing the eager build", stacklevel=2)
+    return lambda: build(False)
+
+
 def _flash(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
     """Run ``fn`` with SDPA restricted to its flash backend (an error, not a silent fallback, if it cannot)."""
     def run():
@@ -94,15 +111,13 @@ def prefill(case: AttnCase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
            None if need <= mask_cap else f"N x N mask needs {need / 2**30:.1f} GiB > cap {mask_cap / 2**30:.1f} GiB")
 
     def flex():
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
         seg, br = segment, branch
 
         def mask_mod(b, h, qi, ki):
             return (ki <= qi) & ((seg[ki] != seg[qi]) | (br[ki] == br[qi]))
 
-        def build():
-            return create_block_mask(mask_mod, None, None, n, n, device=dev, _compile=cuda)
-
+        build = _block_mask_builder(mask_mod, n, n, dev, cuda)
         bm = build()
         qb, kb, vb = _bhnd(q), _bhnd(k), _bhnd(v)
         attn = _flex() if cuda else flex_attention
@@ -171,15 +186,13 @@ def decode(case: AttnCase, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
            None if need <= mask_cap else f"N x N mask needs {need / 2**30:.1f} GiB > cap {mask_cap / 2**30:.1f} GiB")
 
     def flex():
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
         q_seg, q_br, off = seg[n - kq:].contiguous(), br[n - kq:].contiguous(), n - kq
 
         def mask_mod(b, h, qi, ki):
             return (ki <= qi + off) & ((seg[ki] != q_seg[qi]) | (br[ki] == q_br[qi]))
 
-        def build():
-            return create_block_mask(mask_mod, None, None, kq, n, device=dev, _compile=cuda)
-
+        build = _block_mask_builder(mask_mod, kq, n, dev, cuda)
         bm = build()
         kb, vb = _bhnd(k_cache[0]), _bhnd(v_cache[0])
         attn = _flex() if cuda else flex_attention

@@ -171,3 +171,39 @@ def test_e2e_tiny_model_or_clear_error():
     assert k3["forward_passes"] < k3["serial_forward_passes"]
     mixed = [r for r in rows if r["backend"] and r["layout"]["workload"] == "mixed"]
     assert mixed and 2.8 < mixed[0]["e2e"]["speedup_limit"] < 2.9
+
+
+# ------------------------------------------------------------------ the baselines compute what they claim to
+
+
+@pytest.mark.parametrize("storage", ["contiguous", "interleaved"])
+def test_baselines_compute_the_branch_mask(storage):
+    """Dense SDPA and FlexAttention give the package's output; K separate sequences give it on the branch tokens
+    (the identity "branch j in one sequence == prefix + branch j alone"); the mask-free ceiling does not."""
+    from bench import baselines
+
+    case = AttnCase(192, 3, storage, 4, 2, 16, "tokens")
+    seg, br, info = build_layout(case.n, case.k, storage, decode=False)
+    q, k, v = torch.randn(case.n, 4, 16), torch.randn(case.n, 2, 16), torch.randn(case.n, 2, 16)
+    cu = torch.tensor([0, case.n], dtype=torch.int32)
+    ref = branch_attention(q, k, v, seg, br, cu, cu, case.n, case.n, backend="torch")
+    got = {name: setup()["fn"]() for name, setup, why in baselines.prefill(case, q, k, v, seg, br, info, 1 << 30,
+                                                                           False) if setup is not None}
+    for name in ("sdpa_dense", "flex"):
+        torch.testing.assert_close(got[name][0].transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
+    sep = got["separate_sequences"]  # [K, Hq, P + L, D]
+    p = info["prefix"]
+    for j in range(1, case.k + 1):
+        torch.testing.assert_close(sep[j - 1, :, p:].transpose(0, 1), ref[br == j], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got["flash_causal"][0].transpose(0, 1), ref, atol=1e-3)
+
+    seg, br, info = build_layout(case.n, case.k, storage, decode=True)
+    kc, vc = k[None].contiguous(), v[None].contiguous()
+    qd = torch.randn(1, case.k, 4, 16)
+    lens = torch.tensor([case.n], dtype=torch.int32)
+    ref = branch_attention_with_kvcache(qd, kc, vc, lens, seg[None], br[None], backend="torch")
+    got = {name: setup()["fn"]() for name, setup, why in baselines.decode(case, qd, kc, vc, seg[None], br[None],
+                                                                          info, 1 << 30, False) if setup is not None}
+    for name in ("sdpa_dense", "flex"):
+        torch.testing.assert_close(got[name][0].transpose(0, 1)[None], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["separate_sequences"][:, :, 0][None], ref, atol=1e-5, rtol=1e-5)

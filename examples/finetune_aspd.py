@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-import aspd_kernels.hf as ah
-from aspd_kernels.hf.synthetic import byte_tokenizer, synthetic_dataset
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # a checkout works without installing the package
+import aspd_kernels.hf as ah  # noqa: E402
+from aspd_kernels.hf.synthetic import byte_tokenizer, synthetic_dataset  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from layouts import layout_ids, random_batch, random_layout  # noqa: E402
 import aspd_kernels.triton.branch_attention as tba  # noqa: E402
 from aspd_kernels import branch_attention, reference as R  # noqa: E402
 from aspd_kernels._dispatch import triton_interpret  # noqa: E402
-from aspd_kernels.triton.tile_ranges import tile_classes  # noqa: E402
+from aspd_kernels.triton.tile_ranges import tile_classes, tile_lists  # noqa: E402
 
 INTERPRET = triton_interpret()
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -192,6 +192,30 @@ def test_tile_classification_is_exact(storage, bm, bn):
     q_lens = [lens[0], max(lens[1] - 29, 0), lens[2] // 2]
     cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     _check_classes(seg, br, cu_q, cu, max(q_lens), max(lens), bm, bn)
+
+
+@pytest.mark.parametrize("key_major", [False, True])
+def test_tile_lists_match_classes(key_major):
+    """The lists the compute kernels loop over hold exactly the full tiles (front) and the masked tiles (back) of
+    ``tile_classes``, query-major (forward, dQ) and key-major (dK/dV)."""
+    seg, br, cu = ids(*random_batch(12, batch=3, max_tokens=160, storage="mixed"))
+    lens = cu.diff().tolist()
+    q_lens = [lens[0], max(lens[1] - 45, 0), lens[2] // 3]
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    mq, mk, bm, bn = max(q_lens), max(lens), 32, 16
+    classes = tile_classes(seg, br, cu_q, cu, int(cu_q[-1]), mq, mk, bm, bn).cpu()
+    lists, counts = (t.cpu() for t in tile_lists(seg, br, cu_q, cu, int(cu_q[-1]), mq, mk, bm, bn, key_major))
+    if key_major:
+        classes = classes.transpose(1, 2)  # [B, key tile, query tile]
+    for b in range(classes.shape[0]):
+        for t in range(classes.shape[1]):
+            if int(classes[b, t].max()) < 0:
+                continue  # no such tile
+            n_full, n_masked = counts[b, t].tolist()
+            row = classes[b, t]
+            assert sorted(lists[b, t, :n_full].tolist()) == (row == 2).nonzero().flatten().tolist()
+            masked = lists[b, t, lists.shape[2] - n_masked:].tolist()
+            assert sorted(masked) == (row == 1).nonzero().flatten().tolist()
 
 
 def _long_branches():

@@ -12,11 +12,14 @@ query heads of its GQA group, one program per (query tile, sequence, query head)
 Two kernels instead of atomics: every output element is written once by one program, so the gradients are
 deterministic and dK/dV of a GQA group need no float atomics; the price is computing Q K^T and dO V^T twice.
 
-Block skipping (``tile_ranges.py``): a per-tile summary of the ids classifies each (query tile, key tile) pair as
-skip (K/V never read), full (no per-element mask) or masked. The key-tile summaries are computed once per call by a
-small kernel; the summary of the tile a program owns is computed on the fly from the ids it loads anyway.
+Block skipping (``tile_ranges.py``): per-tile id ranges (segment and branch min/max) classify each (query tile,
+key tile) pair as skip, full (every pair visible) or masked. Two tiny kernels run once per call and layout: one
+writes the id ranges of every tile, one turns them into per-tile lists -- for each tile a compute program owns, the
+full tiles of the other side, then the masked ones; skipped tiles are not listed. The compute kernels loop over the
+two lists: skipped tiles cost nothing (K/V never read), full tiles run without the per-element mask, and no loop
+carries a data-dependent branch, so the loads stay pipelinable.
 
-Tiles hold whole sequences only (a tile never straddles two packed sequences), slots are relative to the sequence.
+A tile never straddles two packed sequences; slots (storage indices) are relative to the sequence.
 Under ``TRITON_INTERPRET=1`` (CPU) operands are cast to float32 after loading: the interpreter mishandles half
 precision arithmetic; on a GPU fp16/bf16 operands feed the tensor cores and accumulate in float32.
 """
@@ -30,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tile_ranges import TILE_MASKED, TILE_SKIP, id_range, seq_bounds, tile_class, tile_ranges
+from .tile_ranges import seq_bounds, tile_lists
 
 LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # lse = ln(2) * (base-2 log-sum-exp)
@@ -46,11 +49,52 @@ def _tile_operand(PTR, rows, ok, stride_t, head_offset, dims, d_ok, UPCAST: tl.c
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, SEG, BR, CU_Q, CU_K, KRANGES, OUT, LSE, STATS,
+def _fwd_tiles(acc, m_i, l_i, q, q_slot, q_seg, q_br, K, V, SEG, BR, k_start, len_k, k_head, v_head,
+               stride_kt, stride_vt, dims, d_ok, qk_scale, LIST, count, STATS,
+               STEP: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, COUNT: tl.constexpr):
+    """Online-softmax update of one query tile by the ``count`` key tiles listed at ``LIST + i * STEP``. ``MASKED``
+    evaluates the mask per element; otherwise every pair of these tiles is visible (``tile_class``)."""
+    cols = tl.arange(0, BLOCK_N)
+    for i in range(0, count):
+        k_slot = tl.load(LIST + i * STEP) * BLOCK_N + cols
+        kv_ok = (k_slot < len_k)[:, None] & d_ok[None, :]
+        k = tl.load(K + (k_start + k_slot)[:, None] * stride_kt + k_head + dims[None, :], kv_ok, 0.0)
+        v = tl.load(V + (k_start + k_slot)[:, None] * stride_vt + v_head + dims[None, :], kv_ok, 0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+        if MASKED:
+            k_seg = tl.load(SEG + k_start + k_slot, mask=k_slot < len_k, other=0)
+            k_br = tl.load(BR + k_start + k_slot, mask=k_slot < len_k, other=0)
+            # padding keys sit at slots >= len_k, after every query, so the causal term hides them
+            visible = (k_slot[None, :] <= q_slot[:, None]) & (
+                (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None]))
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen nothing yet keeps m = -inf; shifting it by 0 keeps exp2 free of (-inf) - (-inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        if COUNT:
+            if MASKED:
+                tl.atomic_add(STATS + 1, 1)
+            else:
+                tl.atomic_add(STATS + 2, 1)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, SEG, BR, CU_Q, CU_K, LISTS, COUNTS, OUT, LSE, STATS,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-                total_q, total_k, max_seqlen_q, max_seqlen_k, max_ktiles, qk_scale,
+                total_q, total_k, max_seqlen_q, max_seqlen_k, max_qtiles, max_ktiles, qk_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT: tl.constexpr):
+    """One (query tile, sequence, query head): the listed full key tiles, then the listed masked ones."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -63,54 +107,28 @@ def _fwd_kernel(Q, K, V, SEG, BR, CU_Q, CU_K, KRANGES, OUT, LSE, STATS,
     q_slot = off + rows
     q_seg = tl.load(SEG + k_start + q_slot, mask=row_ok, other=0)
     q_br = tl.load(BR + k_start + q_slot, mask=row_ok, other=0)
-    qs_min, qs_max, qb_min, qb_max = id_range(q_seg, q_br, row_ok)
-    q_lo = off + pid_m * BLOCK_M
-    q_hi = off + tl.minimum(len_q, (pid_m + 1) * BLOCK_M) - 1
-    q_whole = (pid_m + 1) * BLOCK_M <= len_q
-
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
     q = _tile_operand(Q, q_start + rows, row_ok, stride_qt, h * stride_qh, dims, d_ok, UPCAST)
     hk = h // GROUP
+
+    tile = (b * max_qtiles + pid_m).to(tl.int64)
+    n_full = tl.load(COUNTS + tile * 2)
+    n_masked = tl.load(COUNTS + tile * 2 + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    n_ktiles = tl.cdiv(tl.minimum(len_k, q_hi + 1), BLOCK_N)  # causal limit: later key tiles are all ahead
-    for kt in range(0, n_ktiles):
-        r = KRANGES + (b * max_ktiles + kt) * 4
-        k_lo = kt * BLOCK_N
-        cls = tile_class(q_lo, q_hi, q_whole, qs_min, qs_max, qb_min, qb_max,
-                         k_lo, tl.minimum(len_k, k_lo + BLOCK_N) - 1, k_lo + BLOCK_N <= len_k,
-                         tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3))
-        if COUNT:
-            tl.atomic_add(STATS + cls, 1)
-        if cls != TILE_SKIP:
-            k_slot = k_lo + cols
-            key_ok = k_slot < len_k
-            kv_ok = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + (k_start + k_slot)[:, None] * stride_kt + hk * stride_kh + dims[None, :], kv_ok, 0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            if cls == TILE_MASKED:
-                k_seg = tl.load(SEG + k_start + k_slot, mask=key_ok, other=0)
-                k_br = tl.load(BR + k_start + k_slot, mask=key_ok, other=0)
-                # padding keys sit at slots >= len_k, after every query, so the causal term hides them
-                visible = (k_slot[None, :] <= q_slot[:, None]) & (
-                    (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None]))
-                s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen nothing yet keeps m = -inf; shifting by 0 then keeps exp2 free of inf - inf
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + (k_start + k_slot)[:, None] * stride_vt + hk * stride_vh + dims[None, :], kv_ok, 0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_slot, q_seg, q_br, K, V, SEG, BR, k_start, len_k,
+                               hk * stride_kh, hk * stride_vh, stride_kt, stride_vt, dims, d_ok, qk_scale,
+                               LISTS + tile * max_ktiles, n_full, STATS, 1, False, BLOCK_N, UPCAST,
+                               DOT_PRECISION, COUNT)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_slot, q_seg, q_br, K, V, SEG, BR, k_start, len_k,
+                               hk * stride_kh, hk * stride_vh, stride_kt, stride_vt, dims, d_ok, qk_scale,
+                               LISTS + tile * max_ktiles + max_ktiles - 1, n_masked, STATS, -1, True, BLOCK_N,
+                               UPCAST, DOT_PRECISION, COUNT)
+    if COUNT:  # tiles up to the causal limit that were listed in neither run: skipped
+        q_hi = off + tl.minimum(len_q, (pid_m + 1) * BLOCK_M) - 1
+        tl.atomic_add(STATS, tl.cdiv(tl.minimum(len_k, q_hi + 1), BLOCK_N) - n_full - n_masked)
 
     seen = l_i > 0.0  # a row that sees no key gets out = 0 and lse = -inf, as the reference
     l_safe = tl.where(seen, l_i, 1.0)
@@ -151,12 +169,46 @@ def _row_stats(LSE, DELTA, h, stride_lh, q_start, rows, row_ok):
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, QRANGES, DK, DV,
+def _dkdv_tiles(dk, dv, k, v, k_slot, k_seg, k_br, Q, DOUT, LSE, DELTA, SEG, BR, q_start, k_start, off, len_q, hk,
+                stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, dims, d_ok, qk_scale, LIST, count,
+                STEP: tl.constexpr, MASKED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK/dV of one key tile from the ``count`` query tiles listed at ``LIST + i * STEP``, times the ``GROUP``
+    query heads that share its KV head (one flat loop, so every iteration is a plain load-and-compute step)."""
+    for i in range(0, count * GROUP):
+        rows = tl.load(LIST + (i // GROUP) * STEP) * BLOCK_M + tl.arange(0, BLOCK_M)
+        h = hk * GROUP + i % GROUP
+        row_ok = rows < len_q
+        qd_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + dims[None, :], qd_ok, 0.0)
+        do = tl.load(DOUT + (q_start + rows)[:, None] * stride_dot + h * stride_doh + dims[None, :], qd_ok, 0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse, delta = _row_stats(LSE, DELTA, h, stride_lh, q_start, rows, row_ok)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            q_seg = tl.load(SEG + k_start + off + rows, mask=row_ok, other=0)
+            q_br = tl.load(BR + k_start + off + rows, mask=row_ok, other=0)
+            # padding keys sit after every query (causal term); padding rows have p = 0 already (lse = +inf)
+            visible = (k_slot[None, :] <= (off + rows)[:, None]) & (
+                (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None]))
+            p = tl.where(visible, p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, LISTS, COUNTS, DK, DV,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                      stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                     total_q, total_k, max_seqlen_q, max_seqlen_k, max_qtiles, softmax_scale,
+                     total_q, total_k, max_seqlen_q, max_seqlen_k, max_ktiles, max_qtiles, softmax_scale,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (key tile, sequence, KV head): the listed full query tiles, then the listed masked ones."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -168,50 +220,23 @@ def _bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, QRANGES, DK
     key_ok = k_slot < len_k
     k_seg = tl.load(SEG + k_start + k_slot, mask=key_ok, other=0)
     k_br = tl.load(BR + k_start + k_slot, mask=key_ok, other=0)
-    ks_min, ks_max, kb_min, kb_max = id_range(k_seg, k_br, key_ok)
-    k_lo = pid_n * BLOCK_N
-    k_hi = tl.minimum(len_k, k_lo + BLOCK_N) - 1
-    k_whole = k_lo + BLOCK_N <= len_k
-
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
     k = _tile_operand(K, k_start + k_slot, key_ok, stride_kt, hk * stride_kh, dims, d_ok, UPCAST)
     v = _tile_operand(V, k_start + k_slot, key_ok, stride_vt, hk * stride_vh, dims, d_ok, UPCAST)
+    qk_scale = softmax_scale * LOG2E
+
+    tile = (b * max_ktiles + pid_n).to(tl.int64)
+    lists = LISTS + tile * max_qtiles
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qk_scale = softmax_scale * LOG2E
-    # query tiles ending before this key tile are causally blind to it: start at the tile holding slot k_lo
-    first_mt = tl.maximum(k_lo - off, 0) // BLOCK_M
-    for mt in range(first_mt, tl.cdiv(len_q, BLOCK_M)):
-        r = QRANGES + (b * max_qtiles + mt) * 4
-        cls = tile_class(off + mt * BLOCK_M, off + tl.minimum(len_q, (mt + 1) * BLOCK_M) - 1,
-                         (mt + 1) * BLOCK_M <= len_q, tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3),
-                         k_lo, k_hi, k_whole, ks_min, ks_max, kb_min, kb_max)
-        if cls != TILE_SKIP:
-            rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = rows < len_q
-            qd_ok = row_ok[:, None] & d_ok[None, :]
-            for g in range(GROUP):  # the query heads sharing this KV head: dK/dV summed in registers
-                h = hk * GROUP + g
-                q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + dims[None, :], qd_ok, 0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                do = tl.load(DOUT + (q_start + rows)[:, None] * stride_dot + h * stride_doh + dims[None, :], qd_ok, 0.0)
-                if UPCAST:
-                    do = do.to(tl.float32)
-                lse, delta = _row_stats(LSE, DELTA, h, stride_lh, q_start, rows, row_ok)
-                p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
-                if cls == TILE_MASKED:
-                    q_seg = tl.load(SEG + k_start + off + rows, mask=row_ok, other=0)
-                    q_br = tl.load(BR + k_start + off + rows, mask=row_ok, other=0)
-                    # padding keys sit at slots >= len_k, after every query, so the causal term hides them
-                    visible = (k_slot[None, :] <= (off + rows)[:, None]) & (
-                        (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None]))
-                    p = tl.where(visible, p, 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_slot, k_seg, k_br, Q, DOUT, LSE, DELTA, SEG, BR, q_start, k_start, off,
+                         len_q, hk, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, dims, d_ok, qk_scale,
+                         lists, tl.load(COUNTS + tile * 2), 1, False, GROUP, BLOCK_M, UPCAST, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_slot, k_seg, k_br, Q, DOUT, LSE, DELTA, SEG, BR, q_start, k_start, off,
+                         len_q, hk, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, dims, d_ok, qk_scale,
+                         lists + max_qtiles - 1, tl.load(COUNTS + tile * 2 + 1), -1, True, GROUP, BLOCK_M, UPCAST,
+                         DOT_PRECISION)
     dk *= softmax_scale
     tl.store(DK + (k_start + k_slot)[:, None] * stride_dkt + hk * stride_dkh + dims[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & d_ok[None, :])
@@ -220,12 +245,41 @@ def _bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, QRANGES, DK
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, KRANGES, DQ,
+def _dq_tiles(dq, q, do, lse, delta, q_slot, q_seg, q_br, K, V, SEG, BR, k_start, len_k, k_head, v_head,
+              stride_kt, stride_vt, dims, d_ok, qk_scale, LIST, count,
+              STEP: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """dQ of one query tile (unscaled) from the ``count`` key tiles listed at ``LIST + i * STEP``."""
+    cols = tl.arange(0, BLOCK_N)
+    for i in range(0, count):
+        k_slot = tl.load(LIST + i * STEP) * BLOCK_N + cols
+        kv_ok = (k_slot < len_k)[:, None] & d_ok[None, :]
+        k = tl.load(K + (k_start + k_slot)[:, None] * stride_kt + k_head + dims[None, :], kv_ok, 0.0)
+        v = tl.load(V + (k_start + k_slot)[:, None] * stride_vt + v_head + dims[None, :], kv_ok, 0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            k_seg = tl.load(SEG + k_start + k_slot, mask=k_slot < len_k, other=0)
+            k_br = tl.load(BR + k_start + k_slot, mask=k_slot < len_k, other=0)
+            visible = (k_slot[None, :] <= q_slot[:, None]) & (
+                (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None]))
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, LISTS, COUNTS, DQ,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dqt, stride_dqh, stride_lh,
-                   total_q, total_k, max_seqlen_q, max_seqlen_k, max_ktiles, softmax_scale,
+                   total_q, total_k, max_seqlen_q, max_seqlen_k, max_qtiles, max_ktiles, softmax_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (query tile, sequence, query head): the listed full key tiles, then the listed masked ones."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -238,11 +292,6 @@ def _bwd_dq_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, KRANGES, DQ,
     q_slot = off + rows
     q_seg = tl.load(SEG + k_start + q_slot, mask=row_ok, other=0)
     q_br = tl.load(BR + k_start + q_slot, mask=row_ok, other=0)
-    qs_min, qs_max, qb_min, qb_max = id_range(q_seg, q_br, row_ok)
-    q_lo = off + pid_m * BLOCK_M
-    q_hi = off + tl.minimum(len_q, (pid_m + 1) * BLOCK_M) - 1
-    q_whole = (pid_m + 1) * BLOCK_M <= len_q
-
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
     q = _tile_operand(Q, q_start + rows, row_ok, stride_qt, h * stride_qh, dims, d_ok, UPCAST)
@@ -250,35 +299,16 @@ def _bwd_dq_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, KRANGES, DQ,
     lse, delta = _row_stats(LSE, DELTA, h, stride_lh, q_start, rows, row_ok)
     hk = h // GROUP
     qk_scale = softmax_scale * LOG2E
+
+    tile = (b * max_qtiles + pid_m).to(tl.int64)
+    lists = LISTS + tile * max_ktiles
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    for kt in range(0, tl.cdiv(tl.minimum(len_k, q_hi + 1), BLOCK_N)):
-        r = KRANGES + (b * max_ktiles + kt) * 4
-        k_lo = kt * BLOCK_N
-        cls = tile_class(q_lo, q_hi, q_whole, qs_min, qs_max, qb_min, qb_max,
-                         k_lo, tl.minimum(len_k, k_lo + BLOCK_N) - 1, k_lo + BLOCK_N <= len_k,
-                         tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3))
-        if cls != TILE_SKIP:
-            k_slot = k_lo + cols
-            key_ok = k_slot < len_k
-            kv_ok = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + (k_start + k_slot)[:, None] * stride_kt + hk * stride_kh + dims[None, :], kv_ok, 0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            v = tl.load(V + (k_start + k_slot)[:, None] * stride_vt + hk * stride_vh + dims[None, :], kv_ok, 0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
-            if cls == TILE_MASKED:
-                k_seg = tl.load(SEG + k_start + k_slot, mask=key_ok, other=0)
-                k_br = tl.load(BR + k_start + k_slot, mask=key_ok, other=0)
-                # padding keys sit at slots >= len_k, after every query, so the causal term hides them
-                visible = (k_slot[None, :] <= q_slot[:, None]) & (
-                    (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None]))
-                p = tl.where(visible, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_slot, q_seg, q_br, K, V, SEG, BR, k_start, len_k, hk * stride_kh,
+                   hk * stride_vh, stride_kt, stride_vt, dims, d_ok, qk_scale, lists, tl.load(COUNTS + tile * 2),
+                   1, False, BLOCK_N, UPCAST, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_slot, q_seg, q_br, K, V, SEG, BR, k_start, len_k, hk * stride_kh,
+                   hk * stride_vh, stride_kt, stride_vt, dims, d_ok, qk_scale, lists + max_ktiles - 1,
+                   tl.load(COUNTS + tile * 2 + 1), -1, True, BLOCK_N, UPCAST, DOT_PRECISION)
     dq *= softmax_scale
     tl.store(DQ + (q_start + rows)[:, None] * stride_dqt + h * stride_dqh + dims[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -371,15 +401,14 @@ def branch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segm
         return out, lse
     cfg = config or fwd_config(d, q.dtype)
     with _device_guard(q):
-        kranges = tile_ranges(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, max_seqlen_k,
-                              cfg.block_n, query_tiles=False)
-        grid = (max(triton.cdiv(max_seqlen_q, cfg.block_m), 1), batch, hq)
-        _fwd_kernel[grid](
-            q, k, v, segment, branch, cu_seqlens_q, cu_seqlens_k, kranges, out, lse,
-            stats if stats is not None else kranges,
+        lists, counts = tile_lists(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q,
+                                   max_seqlen_k, cfg.block_m, cfg.block_n, key_major=False)
+        _fwd_kernel[(lists.shape[1], batch, hq)](
+            q, k, v, segment, branch, cu_seqlens_q, cu_seqlens_k, lists, counts, out, lse,
+            stats if stats is not None else counts,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-            out.stride(1), lse.stride(0), total_q, total_k, max_seqlen_q, max_seqlen_k, kranges.shape[1],
-            softmax_scale * 1.4426950408889634,
+            out.stride(1), lse.stride(0), total_q, total_k, max_seqlen_q, max_seqlen_k, lists.shape[1],
+            lists.shape[2], softmax_scale * 1.4426950408889634,  # base-2 logits: exp(x) = exp2(x * log2(e))
             GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COUNT=stats is not None, **_common(q),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -417,23 +446,23 @@ def branch_attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch
             HEAD_DIM=d, BLOCK_D=common["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
         )
         sizes = (total_q, total_k, max_seqlen_q, max_seqlen_k)
-        qranges = tile_ranges(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, max_seqlen_k,
-                              cfg.block_m, query_tiles=True)
-        _bwd_dkdv_kernel[(max(triton.cdiv(max_seqlen_k, cfg.block_n), 1), batch, hkv)](
-            q, k, v, dout, lse, delta, segment, branch, cu_seqlens_q, cu_seqlens_k, qranges, dk, dv,
+        lists, counts = tile_lists(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q,
+                                   max_seqlen_k, cfg.block_m, cfg.block_n, key_major=True)
+        _bwd_dkdv_kernel[(lists.shape[1], batch, hkv)](
+            q, k, v, dout, lse, delta, segment, branch, cu_seqlens_q, cu_seqlens_k, lists, counts, dk, dv,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
             dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            *sizes, qranges.shape[1], softmax_scale,
+            *sizes, lists.shape[1], lists.shape[2], softmax_scale,
             GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        kranges = tile_ranges(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, max_seqlen_k,
-                              cfg.block_n, query_tiles=False)
-        _bwd_dq_kernel[(max(triton.cdiv(max_seqlen_q, cfg.block_m), 1), batch, hq)](
-            q, k, v, dout, lse, delta, segment, branch, cu_seqlens_q, cu_seqlens_k, kranges, dq,
+        lists, counts = tile_lists(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q,
+                                   max_seqlen_k, cfg.block_m, cfg.block_n, key_major=False)
+        _bwd_dq_kernel[(lists.shape[1], batch, hq)](
+            q, k, v, dout, lse, delta, segment, branch, cu_seqlens_q, cu_seqlens_k, lists, counts, dq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
             dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-            *sizes, kranges.shape[1], softmax_scale,
+            *sizes, lists.shape[1], lists.shape[2], softmax_scale,
             GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -457,9 +486,9 @@ def _aot_specs() -> list[dict]:
             strides = lambda *names: {f"stride_{n}{a}": i32 for n in names for a in "th"}  # noqa: E731
             specs.append(dict(
                 name=f"branch_attention_fwd_{dt}_d{d}", fn=_fwd_kernel,
-                signature={"Q": ptr, "K": ptr, "V": ptr, **ids, "KRANGES": "*i32", "OUT": ptr, "LSE": "*fp32",
-                           "STATS": "*i32", **strides("q", "k", "v", "o"), "stride_lh": i32, **sizes,
-                           "max_ktiles": i32, "qk_scale": f32},
+                signature={"Q": ptr, "K": ptr, "V": ptr, **ids, "LISTS": "*i32", "COUNTS": "*i32", "OUT": ptr,
+                           "LSE": "*fp32", "STATS": "*i32", **strides("q", "k", "v", "o"), "stride_lh": i32,
+                           **sizes, "max_qtiles": i32, "max_ktiles": i32, "qk_scale": f32},
                 constexprs=dict(common, BLOCK_M=fc.block_m, BLOCK_N=fc.block_n, COUNT=False),
                 num_warps=fc.num_warps, num_stages=fc.num_stages,
             ))
@@ -469,19 +498,19 @@ def _aot_specs() -> list[dict]:
                            "stride_lh": i32, "total_q": i32},
                 constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_T=128, HAS_DLSE=True),
             ))
-            bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", **ids}
+            bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", **ids,
+                       "LISTS": "*i32", "COUNTS": "*i32"}
             specs.append(dict(
                 name=f"branch_attention_bwd_dkdv_{dt}_d{d}", fn=_bwd_dkdv_kernel,
-                signature={**bwd_sig, "QRANGES": "*i32", "DK": ptr, "DV": ptr,
-                           **strides("q", "k", "v", "do", "dk", "dv"), "stride_lh": i32, **sizes,
-                           "max_qtiles": i32, "softmax_scale": f32},
+                signature={**bwd_sig, "DK": ptr, "DV": ptr, **strides("q", "k", "v", "do", "dk", "dv"),
+                           "stride_lh": i32, **sizes, "max_ktiles": i32, "max_qtiles": i32, "softmax_scale": f32},
                 constexprs=dict(common, BLOCK_M=bc.block_m, BLOCK_N=bc.block_n),
                 num_warps=bc.num_warps, num_stages=bc.num_stages,
             ))
             specs.append(dict(
                 name=f"branch_attention_bwd_dq_{dt}_d{d}", fn=_bwd_dq_kernel,
-                signature={**bwd_sig, "KRANGES": "*i32", "DQ": ptr, **strides("q", "k", "v", "do", "dq"),
-                           "stride_lh": i32, **sizes, "max_ktiles": i32, "softmax_scale": f32},
+                signature={**bwd_sig, "DQ": ptr, **strides("q", "k", "v", "do", "dq"), "stride_lh": i32,
+                           **sizes, "max_qtiles": i32, "max_ktiles": i32, "softmax_scale": f32},
                 constexprs=dict(common, BLOCK_M=bc.block_m, BLOCK_N=bc.block_n),
                 num_warps=bc.num_warps, num_stages=bc.num_stages,
             ))

@@ -1,9 +1,9 @@
-"""Per-tile id ranges and the tile classification that drives block skipping in the branch-attention kernels.
+"""Block skipping for the branch-attention kernels: per-tile id ranges, the tile classification, per-tile lists.
 
 A tile is a run of ``BLOCK`` consecutive slots of one sequence. Its summary is four int32 numbers over its valid
 slots: ``(segment min, segment max, branch min, branch max)``. A (query tile, key tile) pair is classified from the
-two summaries and the slot ranges alone, so no block mask is built on the host and a new layout costs one tiny
-kernel launch (``_tile_ranges_kernel``), not a re-plan:
+two summaries and the slot ranges alone, so no block mask is built on the host and a new layout costs two tiny
+kernel launches (``_tile_ranges_kernel``, then ``_tile_lists_kernel``), not a host-side re-plan:
 
 - ``TILE_SKIP``   no pair of the tile can be visible: the kernels read neither K nor V for it;
 - ``TILE_FULL``   every pair is visible: the kernels skip the per-element mask;
@@ -12,6 +12,8 @@ kernel launch (``_tile_ranges_kernel``), not a re-plan:
 The rules are sound by construction (a sufficient condition on the ranges, never a guess): "skip" implies no visible
 pair, "full" implies all pairs visible; ``python_tests/test_triton_branch_attention.py`` checks both against the
 dense mask. They are not complete: an interleaved section mixes branches inside a tile and is always "masked".
+Per call, the lists cost O(tiles^2) integer work and ``B * q_tiles * k_tiles`` int32 of memory (512 KiB for one
+32k-token sequence with 128 x 64 tiles), next to O(tokens^2 * D) for the attention itself.
 """
 from __future__ import annotations
 
@@ -115,6 +117,100 @@ def tile_ranges(segment: torch.Tensor, branch: torch.Tensor, cu_seqlens_q: torch
 
 
 @triton.jit
+def _tile_lists_kernel(SEG, BR, CU_Q, CU_K, RANGES, LISTS, COUNTS, total_q, total_k, max_seqlen_q, max_seqlen_k,
+                       max_own, max_other, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       KEY_MAJOR: tl.constexpr, CHUNK: tl.constexpr):
+    """For the tile ``t`` a compute program will own (a query tile, or with ``KEY_MAJOR`` a key tile) of sequence
+    ``b``: the tiles of the other side it must visit, in two runs of ``LISTS[b, t, :]`` -- the ``COUNTS[b, t, 0]``
+    full tiles from the front, the ``COUNTS[b, t, 1]`` masked tiles from the back. Skipped tiles are not listed.
+    ``RANGES`` holds the other side's id ranges (``_tile_ranges_kernel``); the owned tile's are computed here.
+
+    The compute kernels then loop over plain index lists with unconditional loads (which the software pipeliner can
+    prefetch) and the mask is a compile-time property of each loop, not a branch per tile."""
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    q_start, len_q, k_start, len_k = seq_bounds(CU_Q, CU_K, b, total_q, total_k, max_seqlen_q, max_seqlen_k)
+    off = len_k - len_q
+    if KEY_MAJOR:
+        first = t * 0
+        own_len = len_k
+        OWN: tl.constexpr = BLOCK_N
+    else:
+        first = off
+        own_len = len_q
+        OWN: tl.constexpr = BLOCK_M
+    idx = t * OWN + tl.arange(0, OWN)
+    ok = idx < own_len
+    s_min, s_max, b_min, b_max = id_range(tl.load(SEG + k_start + first + idx, mask=ok, other=0),
+                                          tl.load(BR + k_start + first + idx, mask=ok, other=0), ok)
+    lo = first + t * OWN
+    hi = first + tl.minimum(own_len, (t + 1) * OWN) - 1
+    whole = (t + 1) * OWN <= own_len
+    if KEY_MAJOR:
+        start = tl.maximum(lo - off, 0) // BLOCK_M  # query tiles ending before this key tile are causally blind
+        end = tl.cdiv(len_q, BLOCK_M)
+    else:
+        start = t * 0
+        end = tl.cdiv(tl.minimum(len_k, hi + 1), BLOCK_N)  # key tiles past the last query are causally ahead
+    end = tl.where(t * OWN < own_len, tl.minimum(end, max_other), 0)
+    row = (b * max_own + t).to(tl.int64)
+    n_full = t * 0
+    n_masked = t * 0
+    for c in range(start, end, CHUNK):
+        j = c + tl.arange(0, CHUNK)
+        j_ok = j < end
+        r = RANGES + (b * max_other + j) * 4
+        o_smin = tl.load(r, mask=j_ok, other=0)
+        o_smax = tl.load(r + 1, mask=j_ok, other=0)
+        o_bmin = tl.load(r + 2, mask=j_ok, other=0)
+        o_bmax = tl.load(r + 3, mask=j_ok, other=0)
+        if KEY_MAJOR:
+            cls = tile_class(off + j * BLOCK_M, off + tl.minimum(len_q, (j + 1) * BLOCK_M) - 1,
+                             (j + 1) * BLOCK_M <= len_q, o_smin, o_smax, o_bmin, o_bmax,
+                             lo, hi, whole, s_min, s_max, b_min, b_max)
+        else:
+            cls = tile_class(lo, hi, whole, s_min, s_max, b_min, b_max,
+                             j * BLOCK_N, tl.minimum(len_k, (j + 1) * BLOCK_N) - 1, (j + 1) * BLOCK_N <= len_k,
+                             o_smin, o_smax, o_bmin, o_bmax)
+        is_full = (j_ok & (cls == TILE_FULL)).to(tl.int32)
+        is_masked = (j_ok & (cls == TILE_MASKED)).to(tl.int32)
+        # stream compaction: the k-th listed tile of this chunk goes to slot (tiles listed before) + k
+        full_at = n_full + tl.cumsum(is_full, 0) - 1
+        masked_at = max_other - (n_masked + tl.cumsum(is_masked, 0))
+        tl.store(LISTS + row * max_other + full_at, j, mask=is_full != 0)
+        tl.store(LISTS + row * max_other + masked_at, j, mask=is_masked != 0)
+        n_full += tl.sum(is_full, 0)
+        n_masked += tl.sum(is_masked, 0)
+    tl.store(COUNTS + row * 2, n_full)
+    tl.store(COUNTS + row * 2 + 1, n_masked)
+
+
+def tile_lists(segment: torch.Tensor, branch: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+               total_q: int, max_seqlen_q: int, max_seqlen_k: int, block_m: int, block_n: int, key_major: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lists int32 [B, own_tiles, other_tiles], counts int32 [B, own_tiles, 2])`` of ``_tile_lists_kernel``:
+    query-major (``key_major=False``, for the forward and dQ kernels) or key-major (for the dK/dV kernel)."""
+    batch = cu_seqlens_k.shape[0] - 1
+    max_qtiles = max(triton.cdiv(max_seqlen_q, block_m), 1)
+    max_ktiles = max(triton.cdiv(max_seqlen_k, block_n), 1)
+    max_own, max_other = (max_ktiles, max_qtiles) if key_major else (max_qtiles, max_ktiles)
+    ranges = tile_ranges(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, max_seqlen_k,
+                         block_m if key_major else block_n, query_tiles=key_major)
+    lists = torch.empty((batch, max_own, max_other), dtype=torch.int32, device=segment.device)
+    counts = torch.empty((batch, max_own, 2), dtype=torch.int32, device=segment.device)
+    if batch > 0:
+        _tile_lists_kernel[(max_own, batch)](
+            segment, branch, cu_seqlens_q, cu_seqlens_k, ranges, lists, counts, total_q, segment.shape[0],
+            max_seqlen_q, max_seqlen_k, max_own, max_other, BLOCK_M=block_m, BLOCK_N=block_n,
+            KEY_MAJOR=key_major, CHUNK=_LIST_CHUNK,
+        )
+    return lists, counts
+
+
+_LIST_CHUNK = 128  # other-side tiles classified per vector step of _tile_lists_kernel
+
+
+@triton.jit
 def _classify_kernel(SEG, BR, CU_Q, CU_K, KRANGES, CLASSES, total_q, total_k, max_seqlen_q, max_seqlen_k,
                      max_qtiles, max_ktiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KTILES: tl.constexpr):
     """Debug view: ``CLASSES[b, m, n]`` = the class the forward kernel gives (query tile m, key tile n) of sequence
@@ -173,6 +269,14 @@ def _aot_specs() -> list[dict]:
                 name=f"tile_ranges_b{block}_{'q' if query else 'k'}", fn=_tile_ranges_kernel,
                 signature={**ids, "RANGES": "*i32", **sizes, "max_tiles": "i32"},
                 constexprs=dict(BLOCK=block, QUERY_TILES=query),
+            ))
+    for bm, bn in ((128, 64), (64, 64), (64, 32), (32, 32)):  # the (BLOCK_M, BLOCK_N) pairs of the tile tables
+        for key_major in (False, True):
+            specs.append(dict(
+                name=f"tile_lists_m{bm}_n{bn}_{'k' if key_major else 'q'}", fn=_tile_lists_kernel,
+                signature={**ids, "RANGES": "*i32", "LISTS": "*i32", "COUNTS": "*i32", **sizes, "max_own": "i32",
+                           "max_other": "i32"},
+                constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, KEY_MAJOR=key_major, CHUNK=_LIST_CHUNK),
             ))
     specs.append(dict(
         name="tile_classes_b64", fn=_classify_kernel,

@@ -203,9 +203,10 @@ def num_splits_for(batch: int, hkv: int, row_tiles: int, capacity: int, device: 
     Uses shapes and the device only: the same value on every step of a captured graph.
     """
     programs = max(1, batch * hkv * row_tiles)
-    sms = _sm_count(device.index if device.type == "cuda" else None)
-    if device.type == "cuda" and device.index is None:
-        sms = _sm_count(torch.cuda.current_device())
+    if device.type == "cuda":
+        sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+    else:
+        sms = _sm_count(None)
     wanted = triton.cdiv(2 * sms, programs)
     by_length = max(1, capacity // _MIN_SPLIT_SLOTS)
     return max(1, min(wanted, by_length, _MAX_SPLITS))

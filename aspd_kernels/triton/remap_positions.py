@@ -24,6 +24,7 @@ import triton.language as tl
 
 MAX_BRANCHES = 256
 _BLOCK = 64
+_WALK_WARPS = 8  # the [BLOCK, MAX_BRANCHES] one-hot tiles need the registers of 8 warps to avoid spilling
 _STRATEGY_CODE = {"same-sequential": 0, "same-max": 1, "fixed-length": 2, "sequential": 3}
 
 
@@ -145,7 +146,7 @@ def remap_positions(segment, branch, cu_seqlens, strategy: str, width):
     scratch = torch.empty((3, n), dtype=torch.int32, device=segment.device)
     sec_start, sec_c0, sec_w = scratch[0], scratch[1], scratch[2]
     _walk_kernel[(bsz,)](segment, branch, cu_seqlens, out, sec_start, sec_c0, sec_w, n, width or 0,
-                         STRATEGY=code, BLOCK=_BLOCK, MAX_BRANCHES=MAX_BRANCHES, num_warps=4)
+                         STRATEGY=code, BLOCK=_BLOCK, MAX_BRANCHES=MAX_BRANCHES, num_warps=_WALK_WARPS)
     _positions_kernel[(triton.cdiv(n, 1024),)](branch, out, sec_start, sec_c0, sec_w, out, n,
                                                FIXED=code == 2, BLOCK=1024)
     return out
@@ -155,6 +156,7 @@ def _aot_specs() -> list[dict]:
     walk_sig = {name: "*i32" for name in ("SEG", "BR", "CU", "RANK", "SEC_START", "SEC_C0", "SEC_W")}
     walk_sig.update(N="i32", width="i32")
     specs = [dict(name=f"positions_walk_{strategy}", fn=_walk_kernel, signature=dict(walk_sig),
+                  num_warps=_WALK_WARPS if code != 3 else 4,
                   constexprs=dict(STRATEGY=code, BLOCK=_BLOCK, MAX_BRANCHES=MAX_BRANCHES))
              for strategy, code in _STRATEGY_CODE.items()]
     pos_sig = {name: "*i32" for name in ("BR", "RANK", "SEC_START", "SEC_C0", "SEC_W", "OUT")}

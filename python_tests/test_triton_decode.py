@@ -148,3 +148,12 @@ def test_lengths_beyond_capacity_are_clamped(paged):
                                               clamped, cache["segment"], cache["branch"], q_seqlens=q_seqlens,
                                               block_table=cache["block_table"])
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_opcheck_triton_backend():
+    cache = to_dev(make_cache(2, batch=2, hkv=2, d=32, dtype=torch.float32, paged=True, poison=False, max_tokens=60))
+    q = torch.randn(2, 3, 4, 32, device=DEVICE)
+    qs = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.aspd.branch_attention_with_kvcache.default,
+                          (q, cache["k_cache"], cache["v_cache"], cache["cache_seqlens"], cache["segment"],
+                           cache["branch"], qs, cache["block_table"], 0.25, "triton"))

@@ -186,3 +186,17 @@ def test_rope_unchecked_bad_values_stay_in_bounds(paged):
     torch.testing.assert_close(q_rot, ref_q, atol=1e-5, rtol=1e-5)
     for name, got in dev_caches.items():
         torch.testing.assert_close(got.cpu(), ref_caches[name], atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_opcheck_triton_backend():
+    seg, br, cu = random_batch(4, batch=2, max_tokens=50)
+    for strategy in ("same-sequential", "fixed-length"):
+        torch.library.opcheck(torch.ops.aspd.remap_positions.default,
+                              (seg.to(DEVICE), br.to(DEVICE), cu.to(DEVICE), strategy, 0, "triton"))
+    args, caches = rope_case(6, True, torch.float32, lq=3)
+    args, caches = to_dev(args), to_dev(caches)
+    cos_sin = rope_cos_sin_cache(inv_freq(32), 256).to(DEVICE)
+    torch.library.opcheck(torch.ops.aspd.rope_append_kv.default,
+                          (args["q"], args["k"], args["v"], args["positions"], cos_sin, caches["k_cache"],
+                           caches["v_cache"], caches["segment"], caches["branch"], args["cache_seqlens"],
+                           args["segment"], args["branch"], args["q_seqlens"], args["block_table"], "triton"))

@@ -157,3 +157,12 @@ def test_opcheck_triton_backend():
     torch.library.opcheck(torch.ops.aspd.branch_attention_with_kvcache.default,
                           (q, cache["k_cache"], cache["v_cache"], cache["cache_seqlens"], cache["segment"],
                            cache["branch"], qs, cache["block_table"], 0.25, "triton"))
+
+
+def test_strided_query_view():
+    """q as a view into a fused qkv projection (head stride != D, token stride != Hq * D)."""
+    cache = to_dev(make_cache(21, batch=2, hkv=2, d=32, dtype=torch.float32, max_tokens=80))
+    qkv = torch.randn(2, 5, 4 + 2 * 2, 32, device=DEVICE)
+    q = qkv[:, :, :4]
+    assert not q.is_contiguous()
+    check(cache, q, new_tokens(cache["cache_seqlens"], 5), torch.float32)

@@ -200,3 +200,17 @@ def test_opcheck_triton_backend():
                           (args["q"], args["k"], args["v"], args["positions"], cos_sin, caches["k_cache"],
                            caches["v_cache"], caches["segment"], caches["branch"], args["cache_seqlens"],
                            args["segment"], args["branch"], args["q_seqlens"], args["block_table"], "triton"))
+
+
+def test_rope_strided_views_of_fused_qkv():
+    args, caches = rope_case(12, False, torch.float32, hq=4, hkv=2, lq=4)
+    qkv = torch.cat([args["q"], args["k"], args["v"]], dim=2)  # [B, L, Hq + 2 Hkv, D]
+    args.update(q=qkv[:, :, :4], k=qkv[:, :, 4:6], v=qkv[:, :, 6:])
+    cos_sin = rope_cos_sin_cache(inv_freq(32), 256)
+    ref_caches = {n: c.clone() for n, c in caches.items()}
+    ref_q = call_rope(R.rope_append_kv, args, ref_caches, cos_sin)
+    dev_caches = to_dev(caches)
+    q_rot = call_rope(rope_append_kv, to_dev(args), dev_caches, cos_sin.to(DEVICE), backend="triton").cpu()
+    torch.testing.assert_close(q_rot, ref_q, atol=1e-5, rtol=1e-5)
+    for name, got in dev_caches.items():
+        torch.testing.assert_close(got.cpu(), ref_caches[name], atol=1e-5, rtol=1e-5, equal_nan=True)

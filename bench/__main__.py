@@ -20,14 +20,15 @@ import time
 
 import torch
 
-from . import (bench_branch_attention, bench_branch_attention_with_kvcache, bench_e2e, bench_remap_positions,
-               bench_rope_append_kv, report)
+from . import (bench_branch_attention, bench_branch_attention_backward, bench_branch_attention_with_kvcache, bench_e2e,
+               bench_remap_positions, bench_rope_append_kv, report)
 from .ceilings import measure_ceilings
 from .common import Context, device_slug, environment, row
 from .timing import Timing
 
 OPS = {
     "branch_attention": bench_branch_attention,
+    "branch_attention_backward": bench_branch_attention_backward,
     "branch_attention_with_kvcache": bench_branch_attention_with_kvcache,
     "rope_append_kv": bench_rope_append_kv,
     "remap_positions": bench_remap_positions,

@@ -8,6 +8,7 @@
 #   test          pytest python_tests -x -q on CUDA (every backend against the reference; test_cuda_kernels.py)
 #   sanitizer     compute-sanitizer memcheck (and racecheck) over bench/sanitizer_case.py
 #   prefill       python -m bench --ops branch_attention                      (full grid)
+#   backward      python -m bench --ops branch_attention_backward             (forward + backward)
 #   decode        python -m bench --ops branch_attention_with_kvcache         (full grid)
 #   small         python -m bench --ops rope_append_kv,remap_positions        (full grid)
 #   e2e-1b | e2e-8b | e2e-qwen   python -m bench --ops e2e --models <one model>
@@ -17,14 +18,14 @@
 #
 # Output: $OUT if set (the device tool brings back at most 8 files per call: one log, .jsonl, .md, .png per stage),
 # else bench/results/gpu-run/. Environment: RESUME=path/to/earlier.jsonl continues a bench stage that hit its
-# time limit (finished cases are copied, not rerun); TIME_LIMIT (seconds, default 510) stops starting new cases.
+# time limit (finished cases are copied, not rerun); TIME_LIMIT (seconds, default 450) stops starting new cases.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES="${OUT:-bench/results/gpu-run}"
 mkdir -p "$RES"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-TIME_LIMIT="${TIME_LIMIT:-510}"
+TIME_LIMIT="${TIME_LIMIT:-450}"
 status=0
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$RES/suite.log"; }
@@ -90,7 +91,7 @@ bench() {  # bench TAG ARGS...
   [ $rc -eq 0 ] || status=1
 }
 
-[ $# -ge 1 ] || { sed -n 2,22p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,23p "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >>"$RES/suite.log" 2>&1
 for stage in "$@"; do
   case "$stage" in
@@ -99,6 +100,7 @@ for stage in "$@"; do
     sanitizer) build; sanitizer ;;
     first) build; run_tests; sanitizer ;;
     prefill) build; bench prefill --ops branch_attention ;;
+    backward) build; bench backward --ops branch_attention_backward ;;
     decode) build; bench decode --ops branch_attention_with_kvcache ;;
     small) build; bench small --ops rope_append_kv,remap_positions ;;
     e2e-1b) build; bench e2e-1b --ops e2e --models llama-3.2-1b ;;
@@ -106,7 +108,7 @@ for stage in "$@"; do
     e2e-qwen) build; bench e2e-qwen --ops e2e --models qwen2.5-7b ;;
     quick) build; bench quick --quick ;;
     report) "$PY" -m bench.report "$RES"/*.jsonl --out "$RES/report" | tail -80 ;;
-    *) echo "unknown stage $stage"; sed -n 2,22p "$0"; exit 2 ;;
+    *) echo "unknown stage $stage"; sed -n 2,23p "$0"; exit 2 ;;
   esac
 done
 log "done: $* (exit $status)"

@@ -11,7 +11,8 @@ import json
 import os
 from collections import OrderedDict, defaultdict
 
-OP_ORDER = ("ceiling", "branch_attention", "branch_attention_with_kvcache", "rope_append_kv", "remap_positions", "e2e")
+OP_ORDER = ("ceiling", "branch_attention", "branch_attention_backward", "branch_attention_with_kvcache",
+            "rope_append_kv", "remap_positions", "e2e")
 CPU_NOTE = ("**CPU run: these numbers are not the point.** The CPU grid is reduced to tiny shapes so that the "
             "harness, the schema and the report can be checked anywhere; the package's kernels are GPU kernels and "
             "only the torch fallback runs here. Read GPU result files for performance.")
@@ -31,7 +32,7 @@ def impl(r: dict) -> str:
 
 def case_label(r: dict) -> str:
     s, lay = r["shape"], r["layout"]
-    if r["op"] == "branch_attention":
+    if r["op"] in ("branch_attention", "branch_attention_backward"):
         return (f"N={s.get('total_k')} K={lay.get('K')} {str(lay.get('storage', ''))[:6]} "
                 f"H={s.get('Hq')}/{s.get('Hkv')} D={s.get('D')}")
     if r["op"] == "branch_attention_with_kvcache":

@@ -12,7 +12,8 @@ from layouts import random_layout
 from aspd_kernels import BranchLayout, branch_attention, branch_attention_with_kvcache, remap_positions
 from aspd_kernels.reference import dense_mask
 from bench import __main__ as bench_main
-from bench import bench_branch_attention, bench_branch_attention_with_kvcache, bench_remap_positions
+from bench import bench_branch_attention, bench_branch_attention_backward, bench_branch_attention_with_kvcache
+from bench import bench_remap_positions
 from bench import bench_rope_append_kv, report
 from bench.cases import AttnCase, build_layout, visible_counts
 from bench.common import ROW_KEYS, validate_row
@@ -81,6 +82,8 @@ def _tiny_cases(monkeypatch):
     monkeypatch.setattr(bench_branch_attention, "cases",
                         lambda ctx: [AttnCase(160, 3, "interleaved", 4, 2, 32, "tokens"),
                                      AttnCase(200, 2, "contiguous", 4, 4, 32, "tokens")])
+    monkeypatch.setattr(bench_branch_attention_backward, "cases",
+                        lambda ctx: [AttnCase(144, 3, "interleaved", 4, 2, 32, "tokens")])
     monkeypatch.setattr(bench_branch_attention_with_kvcache, "cases",
                         lambda ctx: [AttnCase(300, 5, "interleaved", 4, 2, 32, "tokens")])
     monkeypatch.setattr(bench_remap_positions, "cases",
@@ -91,7 +94,7 @@ def _tiny_cases(monkeypatch):
 
 def test_harness_writes_valid_rows(tmp_path, monkeypatch):
     _tiny_cases(monkeypatch)
-    ops = "branch_attention,branch_attention_with_kvcache,remap_positions,rope_append_kv"
+    ops = "branch_attention,branch_attention_backward,branch_attention_with_kvcache,remap_positions,rope_append_kv"
     rc = bench_main.main(["--ops", ops, "--out", str(tmp_path), "--tag", "t", "--budget-s", "0.01",
                           "--device", "cpu"])
     files = sorted(os.listdir(tmp_path))
@@ -126,6 +129,9 @@ def test_harness_writes_valid_rows(tmp_path, monkeypatch):
     for r in attn:  # FLOP from visible pairs: 4 * Hq * D * pairs
         assert r["flops"] == 4 * r["shape"]["Hq"] * r["shape"]["D"] * r["layout"]["visible_pairs"]
         assert r["layout"]["visible_pairs"] < r["layout"]["causal_pairs"]
+    bwd = [r for r in rows if r["op"] == "branch_attention_backward" and r["backend"] == "torch"]
+    assert bwd and all(r["flops"] == 14 * r["shape"]["Hq"] * r["shape"]["D"] * r["layout"]["visible_pairs"]
+                       for r in bwd)
     flex = [r for r in rows if r["baseline"] == "flex" and r["status"] == "ok"]
     assert flex and all(r["extra_ms"]["layout_changes"] > r["ms"] for r in flex)
     md = report.markdown(rows)

@@ -42,7 +42,8 @@ def run_case(ctx: Context, case: AttnCase) -> list[dict]:
             # check_values=False: the value checks read the device (a host sync) and are not the kernel's cost
             return {"fn": lambda: branch_attention(q, k, v, seg, br, cu, cu, n, n, check_values=False,
                                                    backend=name)}
-        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, **common))
+        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, graph=name != "torch",
+                              **common))
     for name, setup, why in baselines.prefill(case, q, k, v, seg, br, layout, ctx.mask_cap_bytes, ctx.cuda):
         rows.append(time_impl(ctx, OP, setup, why, baseline=name, **common))
     add_ratios(rows)

@@ -4,7 +4,8 @@ ceiling. Each call runs the forward and ``torch.autograd.grad`` of q, k, v for a
 
 Work counted: FLOP = 14 * Hq * D * visible pairs (forward 4, backward 10: ``q.k`` recomputed, then ``dv``, ``dp``,
 ``dq``, ``dk``, 2D each, as the Triton tutorial's 2.5x); bytes = forward (cases.prefill_bytes) + backward (q, k, v,
-out, dout, lse read; dq, dk, dv written).
+out, dout, lse read; dq, dk, dv written). Timed eagerly (CUDA events, no graph): the kernels take milliseconds,
+so host overhead does not matter here.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def run_case(ctx: Context, case: AttnCase) -> list[dict]:
                 out = branch_attention(ql, kl, vl, seg, br, cu, cu, n, n, check_values=False, backend=name)
                 return torch.autograd.grad(out, (ql, kl, vl), dout)
             return {"fn": fb}
-        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, **common))
+        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, graph=False, **common))
 
     d_b = baselines._bhnd(dout)
 
@@ -83,7 +84,7 @@ def run_case(ctx: Context, case: AttnCase) -> list[dict]:
     need = n * n * 5
     rows.append(time_impl(ctx, OP, dense if need <= ctx.mask_cap_bytes else None,
                           f"N x N mask needs {need / 2**30:.1f} GiB > cap {ctx.mask_cap_bytes / 2**30:.1f} GiB",
-                          baseline="sdpa_dense", **common))
+                          baseline="sdpa_dense", graph=False, **common))
 
     def flex():
         def mask_mod(b, h, qi, ki):
@@ -100,7 +101,7 @@ def run_case(ctx: Context, case: AttnCase) -> list[dict]:
         return {"fn": fb, "build": build}
 
     rows.append(time_impl(ctx, OP, flex if ctx.cuda else None, "FlexAttention has no backward on the CPU",
-                          baseline="flex", **common))
+                          baseline="flex", graph=False, **common))
 
     def causal():
         ql, kl, vl = leaves(baselines._bhnd(q), baselines._bhnd(k), baselines._bhnd(v))
@@ -110,6 +111,6 @@ def run_case(ctx: Context, case: AttnCase) -> list[dict]:
             return torch.autograd.grad(out, (ql, kl, vl), d_b)
         return {"fn": baselines._flash(fb, dev)}
 
-    rows.append(time_impl(ctx, OP, causal, None, baseline="flash_causal", **common))
+    rows.append(time_impl(ctx, OP, causal, None, baseline="flash_causal", graph=False, **common))
     add_ratios(rows)
     return rows

@@ -43,7 +43,8 @@ def run_case(ctx: Context, case: AttnCase) -> list[dict]:
         def setup(name=name):
             return {"fn": lambda: branch_attention_with_kvcache(q, k_cache, v_cache, seqlens, segment, branch,
                                                                 check_values=False, backend=name)}
-        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, **common))
+        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, graph=name != "torch",
+                              **common))
     for name, setup, why in baselines.decode(case, q, k_cache, v_cache, segment, branch, layout,
                                              ctx.mask_cap_bytes, ctx.cuda):
         rows.append(time_impl(ctx, OP, setup, why, baseline=name, **common))

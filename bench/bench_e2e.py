@@ -168,14 +168,15 @@ def run_case(ctx: Context, case: E2ECase) -> list[dict]:
         layout = {"K": k, "branch_len": length, "prefix": case.prefix, "prompt": case.prompt, "workload": kind}
         tokens = par.generated_tokens
         base = dict(shape=shape, layout=layout, dtype=dt)
-        r = row(ctx, OP, backend=backend, timing=Timing(par_ms, par_ms, par_ms, 1), nbytes=p_bytes * par.forward_passes,
+        r = row(ctx, OP, backend=backend, timing=Timing(par_ms, par_ms, par_ms, 1, "wall"),
+                nbytes=p_bytes * par.forward_passes,
                 flops=2 * n_params * tokens, **base)
         r["ratio"] = {"serial": serial_ms / par_ms}
         r["e2e"] = {"tokens_per_s": tokens / (par_ms * 1e-3), "generated_tokens": tokens,
                     "forward_passes": par.forward_passes, "prefill_ms": par.prefill_s * 1e3,
                     "decode_ms": par.decode_s * 1e3, "speedup": serial_ms / par_ms, "speedup_limit": limit,
                     "serial_forward_passes": serial_passes, "serial_runs": serial_runs}
-        s = row(ctx, OP, baseline="serial", timing=Timing(serial_ms, serial_ms, serial_ms, 1),
+        s = row(ctx, OP, baseline="serial", timing=Timing(serial_ms, serial_ms, serial_ms, 1, "wall"),
                 nbytes=p_bytes * serial_passes, flops=2 * n_params * tokens, **base)
         s["e2e"] = {"tokens_per_s": tokens / (serial_ms * 1e-3), "generated_tokens": tokens,
                     "forward_passes": serial_passes, "serial_runs": serial_runs}
@@ -220,14 +221,14 @@ def run_case(ctx: Context, case: E2ECase) -> list[dict]:
         layout = {"K": mean_k, "branch_len": case.mixed_len, "prefix": case.prefix, "prompt": case.prompt,
                   "workload": "mixed", "answers": n_answers, "parallel_fraction": MIXED_PARALLEL_FRACTION}
         base = dict(shape=shape, layout=layout, dtype=dt)
-        r = row(ctx, OP, backend=backend, timing=Timing(par_ms / n_answers, 0, 0, n_answers),
+        r = row(ctx, OP, backend=backend, timing=Timing(par_ms / n_answers, 0, 0, n_answers, "wall"),
                 nbytes=p_bytes * par_passes // n_answers, flops=2 * n_params * tokens // n_answers, **base)
         r["ms_p25"] = r["ms_p75"] = None
         r["ratio"] = {"serial": ser_ms / par_ms}
         r["e2e"] = {"tokens_per_s": tokens / (par_ms * 1e-3), "generated_tokens": tokens, "forward_passes": par_passes,
                     "speedup": ser_ms / par_ms, "speedup_limit": limit, "serial_forward_passes": ser_passes,
                     "serial_runs": "one sequence of the same length per answer"}
-        s = row(ctx, OP, baseline="serial", timing=Timing(ser_ms / n_answers, 0, 0, n_answers),
+        s = row(ctx, OP, baseline="serial", timing=Timing(ser_ms / n_answers, 0, 0, n_answers, "wall"),
                 nbytes=p_bytes * ser_passes // n_answers, flops=2 * n_params * tokens // n_answers, **base)
         s["ms_p25"] = s["ms_p75"] = None
         s["e2e"] = {"tokens_per_s": tokens / (ser_ms * 1e-3), "generated_tokens": tokens, "forward_passes": ser_passes}

@@ -53,11 +53,12 @@ def run_case(ctx: Context, case: PosCase) -> list[dict]:
     for name, why in package_backends("remap_positions", ctx):
         def setup(name=name):
             return {"fn": lambda: remap_positions(seg, br, check_values=False, backend=name)}
-        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, **common))
+        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, graph=name != "torch",
+                              **common))
 
     def host():
         return {"fn": lambda: torch.tensor(positions_one(seg_l, br_l), dtype=torch.int32, device=dev)}
 
-    rows.append(time_impl(ctx, OP, host, None, baseline="host_python", **common))
+    rows.append(time_impl(ctx, OP, host, None, baseline="host_python", graph=False, **common))
     add_ratios(rows)
     return rows

@@ -98,7 +98,8 @@ def run_case(ctx: Context, case: RopeCase) -> list[dict]:
         def setup(name=name):
             return {"fn": lambda: rope_append_kv(q, k, v, positions, cos_sin, k_cache, v_cache, seg_cache, br_cache,
                                                  seqlens, segment, branch, check_values=False, backend=name)}
-        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, **common))
+        rows.append(time_impl(ctx, OP, None if why else setup, why, backend=name, graph=name != "torch",
+                              **common))
 
     def base():
         return {"fn": lambda: unfused(q, k, v, positions, cos_sin, k_cache, v_cache, seg_cache, br_cache, slots,

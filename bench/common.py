@@ -16,8 +16,8 @@ SCHEMA_VERSION = 1
 # Every row carries these keys (values may be null where the README says so).
 ROW_KEYS = (
     "schema", "op", "backend", "baseline", "status", "reason", "device", "dtype", "shape", "layout", "ms",
-    "ms_p25", "ms_p75", "reps", "extra_ms", "bytes", "flops", "gbps", "tflops", "fraction_of_ceiling", "ratio",
-    "ceilings", "grid", "torch", "triton", "cuda", "commit", "date",
+    "ms_p25", "ms_p75", "reps", "timing_mode", "extra_ms", "bytes", "flops", "gbps", "tflops",
+    "fraction_of_ceiling", "ratio", "ceilings", "grid", "torch", "triton", "cuda", "commit", "date",
 )
 STATUSES = ("ok", "skipped", "error")
 
@@ -105,8 +105,9 @@ def row(ctx: Context, op: str, *, backend: str | None = None, baseline: str | No
         "reason": reason, "device": ctx.env.get("device"), "dtype": str(dtype or ctx.dtype).replace("torch.", ""),
         "shape": shape or {}, "layout": layout or {}, "ms": ms,
         "ms_p25": timing.p25 if timing is not None else None, "ms_p75": timing.p75 if timing is not None else None,
-        "reps": timing.reps if timing is not None else None, "extra_ms": extra_ms or {}, "bytes": nbytes,
-        "flops": flops, "gbps": gbps, "tflops": tflops, "fraction_of_ceiling": frac, "ratio": {},
+        "reps": timing.reps if timing is not None else None,
+        "timing_mode": getattr(timing, "mode", None) if timing is not None else None, "extra_ms": extra_ms or {},
+        "bytes": nbytes, "flops": flops, "gbps": gbps, "tflops": tflops, "fraction_of_ceiling": frac, "ratio": {},
         "ceilings": {k: ceil.get(k) for k in ("copy_gbps", "matmul_tflops")}, "grid": ctx.grid,
         "torch": ctx.env.get("torch"), "triton": ctx.env.get("triton"), "cuda": ctx.env.get("cuda"),
         "commit": ctx.env.get("commit"), "date": ctx.env.get("date"),

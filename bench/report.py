@@ -92,10 +92,11 @@ def detail_table(rows: list[dict]) -> str:
     for label, group in _by_case([r for r in rows if r["status"] == "ok"]).items():
         for r in sorted(group, key=lambda r: r["ms"]):
             fr = r["fraction_of_ceiling"]
-            build = r["extra_ms"].get("build")
-            lines.append([label, impl(r), _f(r["ms"]), _f(build), _f(r["gbps"]), _f(r["tflops"]),
-                          _pct(fr.get("bandwidth")), _pct(fr.get("compute"))])
-    return _table(["case", "implementation", "ms", "build ms", "GB/s", "TFLOP/s", "% copy BW", "% matmul"], lines)
+            build, eager = r["extra_ms"].get("build"), r["extra_ms"].get("eager")
+            lines.append([label, impl(r), _f(r["ms"]), r.get("timing_mode") or "", _f(eager), _f(build),
+                          _f(r["gbps"]), _f(r["tflops"]), _pct(fr.get("bandwidth")), _pct(fr.get("compute"))])
+    return _table(["case", "implementation", "ms", "timed as", "eager ms", "build ms", "GB/s", "TFLOP/s",
+                   "% copy BW", "% matmul"], lines)
 
 
 def e2e_table(rows: list[dict]) -> str:
@@ -139,7 +140,8 @@ def markdown(rows: list[dict], detail: bool = True) -> str:
             f"baseline time / package time (> 1: the package is faster); `+build` adds the baseline's per-layout "
             f"preparation (FlexAttention's `create_block_mask`, the dense mask), paid every call when the layout "
             f"changes every call, as in decoding. Rates use the op's useful work (visible pairs, fewest bytes) for "
-            f"every implementation; formulas in bench/README.md.", ""]
+            f"every implementation; formulas in bench/README.md. On a GPU, `ms` is a CUDA-graph replay where the call "
+            f"could be captured (device time without host overhead; the eager call is in the detail tables).", ""]
     by_op = defaultdict(list)
     for r in rows:
         by_op[r["op"]].append(r)

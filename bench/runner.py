@@ -19,20 +19,27 @@ def _free(ctx: Context) -> None:
 
 
 def time_impl(ctx: Context, op: str, setup: Callable[[], dict] | None, reason: str | None, *,
-              backend: str | None = None, baseline: str | None = None, **fields) -> dict:
+              backend: str | None = None, baseline: str | None = None, graph: bool = True, **fields) -> dict:
     """``setup()`` returns ``{"fn": callable, "build": callable or None}``; the row holds the median of ``fn``, and
     when ``build`` is given its own median as ``extra_ms["build"]`` and the sum as ``extra_ms["layout_changes"]``
-    (the cost per call when the layout changes every call)."""
+    (the cost per call when the layout changes every call). On a GPU with ``graph`` the timed call is a CUDA-graph
+    replay when it can be captured (the kernels' device time), and ``extra_ms["eager"]`` the plain call with its
+    host overhead; ``graph=False`` for implementations that sync the host (the tiled torch backend)."""
     if setup is None:
         return row(ctx, op, backend=backend, baseline=baseline, status="skipped", reason=reason, **fields)
     try:
         made = setup()
-        timing = measure(made["fn"], ctx.device, budget_s=ctx.budget_s)
         extra = {}
+        if ctx.cuda and graph:
+            timing = measure(made["fn"], ctx.device, budget_s=ctx.budget_s / 2, graph=True)
+            if timing.mode == "cuda_graph":
+                extra["eager"] = measure(made["fn"], ctx.device, budget_s=ctx.budget_s / 2).ms
+        else:
+            timing = measure(made["fn"], ctx.device, budget_s=ctx.budget_s)
         if made.get("build") is not None:
             build = measure(made["build"], ctx.device, budget_s=ctx.budget_s / 2, min_reps=3, max_reps=50, wall=True,
                             flush=False)
-            extra = {"build": build.ms, "layout_changes": timing.ms + build.ms}
+            extra.update(build=build.ms, layout_changes=timing.ms + build.ms)
         made = None
         return row(ctx, op, backend=backend, baseline=baseline, timing=timing, extra_ms=extra, **fields)
     except Exception as exc:  # noqa: BLE001 - any failure becomes a row; the run goes on

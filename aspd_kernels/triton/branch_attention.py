@@ -4,7 +4,7 @@ FlashAttention-2 (Dao, 2023) with the mask of SPEC section 2 evaluated in regist
 
     visible(q, k) = k <= q and (segment[k] != segment[q] or branch[k] == branch[q])
 
-Forward: one program per (query tile, sequence, query head) walks the key tiles up to its causal limit with an
+Forward: one program per (query tile, sequence, query head) walks the key tiles listed for it with an
 online softmax in base 2 (``exp2``; the scale carries ``log2(e)``) and stores ``out`` and the natural-log ``lse``.
 Backward: ``delta = rowsum(dO * O) - dlse`` (preprocess kernel), then two kernels that recompute the probabilities
 from ``lse``: one program per (key tile, sequence, KV head) accumulates dK/dV over the query tiles *and* over the
@@ -334,29 +334,37 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Tile tables, checked by compiling for sm_90 with the JIT's alignment specialisation and reading the cubin's
+# resource usage (cuobjdump -res-usage): none of the fp16/bf16 D=64/128 entries spills registers.
+
 def gpu_fwd_config(head_dim: int, dtype: torch.dtype) -> Config:
     """Forward tiles: a tall query tile amortises the K/V reads; fp32 operands and D=256 halve the tiles to stay
-    within registers and shared memory (sm_80 and sm_90 compiles are checked through ``AOT_SPECS``)."""
-    if head_dim <= 64:
+    within registers and shared memory."""
+    half = dtype != torch.float32
+    if head_dim <= 64 and half:
         return Config(128, 64, 4, 3)
-    if head_dim <= 128 and dtype != torch.float32:
+    if head_dim <= 128 and half:
         return Config(128, 64, 8, 2)
     return Config(64, 32, 4, 2)
 
 
-def gpu_bwd_config(head_dim: int, dtype: torch.dtype) -> Config:
-    """Backward tiles (shared by the dK/dV and dQ kernels): two fp32 accumulators per program, so smaller tiles."""
-    if head_dim <= 128 and dtype != torch.float32:
-        return Config(64, 64, 4 if head_dim <= 64 else 8, 2)
-    return Config(32, 32, 4, 1)
+def gpu_bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[Config, Config]:
+    """(dK/dV tiles, dQ tiles). The dK/dV program holds two fp32 ``[BLOCK_N, D]`` accumulators plus its K and V
+    tiles, so at D=128 its query tile shrinks to 32 rows (64 rows spill); the dQ program holds one accumulator."""
+    half = dtype != torch.float32
+    if head_dim <= 64 and half:
+        return Config(64, 64, 4, 2), Config(64, 64, 4, 2)
+    if head_dim <= 128 and half:
+        return Config(32, 64, 8, 2), Config(64, 64, 8, 2)
+    return Config(32, 32, 4, 1), Config(32, 32, 4, 1)
 
 
 def fwd_config(head_dim: int, dtype: torch.dtype) -> Config:
     return _INTERPRET_CONFIG if _interpreting() else gpu_fwd_config(head_dim, dtype)
 
 
-def bwd_config(head_dim: int, dtype: torch.dtype) -> Config:
-    return _INTERPRET_CONFIG if _interpreting() else gpu_bwd_config(head_dim, dtype)
+def bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[Config, Config]:
+    return (_INTERPRET_CONFIG,) * 2 if _interpreting() else gpu_bwd_configs(head_dim, dtype)
 
 
 def _check_dtype(q: torch.Tensor) -> None:
@@ -371,6 +379,11 @@ def _common(q: torch.Tensor) -> dict:
         # full fp32 products for fp32 inputs (tf32 would lose ~3 digits); fp16/bf16 ignore the setting
         DOT_PRECISION="ieee" if fp32 else "tf32",
     )
+
+
+def _preprocess_rows(block_d: int) -> int:
+    """Rows per preprocess program: 8192 elements per operand tile, 64 per thread at 4 warps (no spills)."""
+    return max(16, 8192 // block_d)
 
 
 def _device_guard(t: torch.Tensor):
@@ -388,8 +401,8 @@ def branch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segm
     and ``lse float32 [Hq, total_q]`` (natural log; -inf for a row that sees no key).
 
     ``out``/``lse``: optional preallocated outputs (contiguous, as returned). ``config`` overrides the tile table;
-    ``stats`` (int32 [3], zeroed by the caller) counts the (query tile, key
-    tile, head) visits classified skip / masked / full — both for tests and inspection only.
+    ``stats`` (int32 [3], zeroed by the caller) counts the (query tile, key tile, head) triples up to the causal
+    limit that the kernel skipped / ran masked / ran unmasked -- both for tests and inspection only.
     """
     _check_dtype(q)
     total_q, hq, d = q.shape
@@ -434,12 +447,12 @@ def branch_attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch == 0:  # no query: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = config or bwd_config(d, q.dtype)
+    kv_cfg, q_cfg = (config, config) if config is not None else bwd_configs(d, q.dtype)
     lse = lse.float().contiguous()
     common = _common(q)
     with _device_guard(q):
         delta = torch.empty_like(lse)
-        block_t = 64 if _interpreting() else 128
+        block_t = _preprocess_rows(common["BLOCK_D"])
         _bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
             out, dout, dlse.float().contiguous() if dlse is not None else lse, delta, out.stride(0), out.stride(1),
             dout.stride(0), dout.stride(1), lse.stride(0), total_q,
@@ -447,24 +460,24 @@ def branch_attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch
         )
         sizes = (total_q, total_k, max_seqlen_q, max_seqlen_k)
         lists, counts = tile_lists(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q,
-                                   max_seqlen_k, cfg.block_m, cfg.block_n, key_major=True)
+                                   max_seqlen_k, kv_cfg.block_m, kv_cfg.block_n, key_major=True)
         _bwd_dkdv_kernel[(lists.shape[1], batch, hkv)](
             q, k, v, dout, lse, delta, segment, branch, cu_seqlens_q, cu_seqlens_k, lists, counts, dk, dv,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
             dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
             *sizes, lists.shape[1], lists.shape[2], softmax_scale,
-            GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GROUP=hq // hkv, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n, **common,
+            num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
         )
         lists, counts = tile_lists(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q,
-                                   max_seqlen_k, cfg.block_m, cfg.block_n, key_major=False)
+                                   max_seqlen_k, q_cfg.block_m, q_cfg.block_n, key_major=False)
         _bwd_dq_kernel[(lists.shape[1], batch, hq)](
             q, k, v, dout, lse, delta, segment, branch, cu_seqlens_q, cu_seqlens_k, lists, counts, dq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
             dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
             *sizes, lists.shape[1], lists.shape[2], softmax_scale,
-            GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GROUP=hq // hkv, BLOCK_M=q_cfg.block_m, BLOCK_N=q_cfg.block_n, **common,
+            num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
         )
     return dq, dk, dv
 
@@ -480,7 +493,7 @@ def _aot_specs() -> list[dict]:
         ptr = f"*{dt}"
         for d in (64, 128):
             common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=d, UPCAST=False, DOT_PRECISION="tf32")
-            fc, bc = gpu_fwd_config(d, torch_dt), gpu_bwd_config(d, torch_dt)
+            fc, (kc, qc) = gpu_fwd_config(d, torch_dt), gpu_bwd_configs(d, torch_dt)
             ids = {n: "*i32" for n in ("SEG", "BR", "CU_Q", "CU_K")}
             sizes = {n: i32 for n in ("total_q", "total_k", "max_seqlen_q", "max_seqlen_k")}
             strides = lambda *names: {f"stride_{n}{a}": i32 for n in names for a in "th"}  # noqa: E731
@@ -496,7 +509,7 @@ def _aot_specs() -> list[dict]:
                 name=f"branch_attention_bwd_preprocess_{dt}_d{d}", fn=_bwd_preprocess_kernel,
                 signature={"OUT": ptr, "DOUT": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **strides("o", "do"),
                            "stride_lh": i32, "total_q": i32},
-                constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_T=128, HAS_DLSE=True),
+                constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_T=_preprocess_rows(d), HAS_DLSE=True),
             ))
             bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", **ids,
                        "LISTS": "*i32", "COUNTS": "*i32"}
@@ -504,15 +517,15 @@ def _aot_specs() -> list[dict]:
                 name=f"branch_attention_bwd_dkdv_{dt}_d{d}", fn=_bwd_dkdv_kernel,
                 signature={**bwd_sig, "DK": ptr, "DV": ptr, **strides("q", "k", "v", "do", "dk", "dv"),
                            "stride_lh": i32, **sizes, "max_ktiles": i32, "max_qtiles": i32, "softmax_scale": f32},
-                constexprs=dict(common, BLOCK_M=bc.block_m, BLOCK_N=bc.block_n),
-                num_warps=bc.num_warps, num_stages=bc.num_stages,
+                constexprs=dict(common, BLOCK_M=kc.block_m, BLOCK_N=kc.block_n),
+                num_warps=kc.num_warps, num_stages=kc.num_stages,
             ))
             specs.append(dict(
                 name=f"branch_attention_bwd_dq_{dt}_d{d}", fn=_bwd_dq_kernel,
                 signature={**bwd_sig, "DQ": ptr, **strides("q", "k", "v", "do", "dq"), "stride_lh": i32,
                            **sizes, "max_qtiles": i32, "max_ktiles": i32, "softmax_scale": f32},
-                constexprs=dict(common, BLOCK_M=bc.block_m, BLOCK_N=bc.block_n),
-                num_warps=bc.num_warps, num_stages=bc.num_stages,
+                constexprs=dict(common, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n),
+                num_warps=qc.num_warps, num_stages=qc.num_stages,
             ))
     return specs
 

@@ -89,10 +89,11 @@ def make_context(args: argparse.Namespace) -> Context:
 def ceiling_rows(ctx: Context) -> list[dict]:
     c = ctx.ceilings
     dt = getattr(torch, c["dtype"])
+    mode = "eager" if ctx.cuda else "cpu"
     return [
-        row(ctx, "ceiling", baseline="copy", timing=Timing(c["copy_ms"], c["copy_ms"], c["copy_ms"], 1),
+        row(ctx, "ceiling", baseline="copy", timing=Timing(c["copy_ms"], c["copy_ms"], c["copy_ms"], 1, mode),
             nbytes=2 * c["copy_bytes"], shape={"bytes": c["copy_bytes"]}, dtype=dt),
-        row(ctx, "ceiling", baseline="matmul", timing=Timing(c["matmul_ms"], c["matmul_ms"], c["matmul_ms"], 1),
+        row(ctx, "ceiling", baseline="matmul", timing=Timing(c["matmul_ms"], c["matmul_ms"], c["matmul_ms"], 1, mode),
             flops=2 * c["matmul_n"] ** 3, shape={"n": c["matmul_n"]}, dtype=dt),
     ]
 

@@ -14,7 +14,7 @@
 #   e2e-1b | e2e-8b | e2e-qwen   python -m bench --ops e2e --models <one model>
 #   quick         python -m bench --quick (every op, a few cases): a smoke run
 #   report        merge every results/*.jsonl of this folder into one .md + .png
-#   first         build + test + sanitizer (about the first 10 minutes)
+#   first         build + test (about the first 10 minutes)
 #
 # Output: $OUT if set (the device tool brings back at most 8 files per call: one log, .jsonl, .md, .png per stage),
 # else bench/results/gpu-run/. Environment: RESUME=path/to/earlier.jsonl continues a bench stage that hit its
@@ -70,9 +70,11 @@ sanitizer() {
   local cs
   cs="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
   if [ -z "$cs" ]; then log "sanitizer: compute-sanitizer not found"; status=1; return; fi
+  local limit
   for tool in memcheck racecheck; do
-    log "sanitizer: $tool"
-    timeout 280 "$cs" --tool "$tool" --error-exitcode 1 "$PY" -m bench.sanitizer_case >"$RES/sanitizer-$tool.log" 2>&1
+    limit=$([ "$tool" = memcheck ] && echo 240 || echo 180)
+    log "sanitizer: $tool (timeout ${limit}s)"
+    timeout "$limit" "$cs" --tool "$tool" --error-exitcode 1 "$PY" -m bench.sanitizer_case >"$RES/sanitizer-$tool.log" 2>&1
     local rc=$?
     tail -15 "$RES/sanitizer-$tool.log"
     log "sanitizer: $tool exit $rc"
@@ -98,7 +100,7 @@ for stage in "$@"; do
     build) build ;;
     test) build; run_tests ;;
     sanitizer) build; sanitizer ;;
-    first) build; run_tests; sanitizer ;;
+    first) build; run_tests ;;
     prefill) build; bench prefill --ops branch_attention ;;
     backward) build; bench backward --ops branch_attention_backward ;;
     decode) build; bench decode --ops branch_attention_with_kvcache ;;

@@ -270,7 +270,8 @@ def _aot_specs() -> list[dict]:
                 signature={**ids, "RANGES": "*i32", **sizes, "max_tiles": "i32"},
                 constexprs=dict(BLOCK=block, QUERY_TILES=query),
             ))
-    for bm, bn in ((128, 64), (64, 64), (32, 64), (64, 32), (32, 32)):  # the (BLOCK_M, BLOCK_N) pairs of the tile tables
+    # the (BLOCK_M, BLOCK_N) pairs of the branch_attention tile tables
+    for bm, bn in ((128, 64), (64, 64), (32, 64), (64, 32), (32, 32)):
         for key_major in (False, True):
             specs.append(dict(
                 name=f"tile_lists_m{bm}_n{bn}_{'k' if key_major else 'q'}", fn=_tile_lists_kernel,

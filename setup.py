@@ -51,8 +51,12 @@ setup(
     description="Branch-masked attention kernels for parallel decoding inside one sequence (ASPD)",
     packages=find_packages(include=["aspd_kernels", "aspd_kernels.*", "bench", "bench.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "safetensors"]},
+    install_requires=["torch>=2.6", "tqdm", "safetensors"],
+    extras_require={
+        "hf": ["transformers>=4.56"],
+        "bench": ["matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56", "matplotlib"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

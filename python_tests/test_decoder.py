@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from test_decoder_helpers import VOCAB, decoder, dense_logits, hf_greedy, predictor_rows, tiny_model
+from test_decoder_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from aspd_kernels import remap_positions
 from aspd_kernels.reference import STRATEGIES
@@ -14,13 +15,6 @@ from aspd_kernels.reference import STRATEGIES
 FAMILIES = ("llama", "qwen2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two threads on a loaded 2-core machine make each tiny matmul spin for milliseconds
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

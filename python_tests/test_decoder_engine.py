@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from test_decoder_helpers import VOCAB, decoder, dense_logits, hf_greedy, predictor_rows, tiny_model
+from test_decoder_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from aspd_kernels import AspdTokens, BranchLayout
 from aspd_kernels.decoder import Grammar
@@ -19,12 +20,6 @@ SECTIONS = (3, 2)  # branches of the first and second parallel section; none aft
 PROMPT = [5, 17, 33, 90, 4, 61]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _branch_target(title_token: int) -> int:

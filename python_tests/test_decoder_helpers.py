@@ -10,6 +10,16 @@ from aspd_kernels.decoder import ParallelDecoder  # noqa: E402
 VOCAB = 300
 
 
+@__import__("pytest").fixture(autouse=True)
+def one_thread():
+    """Two threads on a loaded 2-core machine make each tiny matmul spin for milliseconds; import this fixture
+    into a test module to run its tests on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
     """A random-weight Llama or Qwen2 (qkv bias, tied embeddings) in float32 with eager attention.
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from test_decoder_helpers import decoder, hf_greedy, tiny_model, transformers
+from test_decoder_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from aspd_kernels.decoder import ModelConfig, ParallelDecoder
 
@@ -16,12 +17,6 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_fre
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("rope", [None, LLAMA3, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}])

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=600)
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    from . import _cuda
+
+    why = _cuda.load_error()
+    print(f"CUDA extension: {'loaded' if _cuda.available() else 'not available'}" + (f" ({why})" if why else ""))
     rows = list(_rows(torch.device(args.device), args.tokens))
     widths = [max(len(str(r[i])) for r in rows + [("op", "backend", "max |err|", "ms")]) for i in range(4)]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731

@@ -12,6 +12,8 @@
 #   decode        python -m bench --ops branch_attention_with_kvcache         (full grid)
 #   small         python -m bench --ops rope_append_kv,remap_positions        (full grid)
 #   e2e-1b | e2e-8b | e2e-qwen   python -m bench --ops e2e --models <one model>
+#   train         python -m bench.bench_hf_training: a transformers training step (forward + backward) with
+#                 attn_implementation="aspd" against eager/SDPA with the dense mask and FlexAttention (issue 7)
 #   quick         python -m bench --quick (every op, a few cases): a smoke run
 #   report        merge every results/*.jsonl of this folder into one .md + .png
 #   first         build + test (about the first 10 minutes)
@@ -93,7 +95,7 @@ bench() {  # bench TAG ARGS...
   [ $rc -eq 0 ] || status=1
 }
 
-[ $# -ge 1 ] || { sed -n 2,23p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >>"$RES/suite.log" 2>&1
 for stage in "$@"; do
   case "$stage" in
@@ -108,9 +110,12 @@ for stage in "$@"; do
     e2e-1b) build; bench e2e-1b --ops e2e --models llama-3.2-1b ;;
     e2e-8b) build; bench e2e-8b --ops e2e --models llama-3-8b ;;
     e2e-qwen) build; bench e2e-qwen --ops e2e --models qwen2.5-7b ;;
+    train) build; log "train: python -m bench.bench_hf_training"
+           timeout "$TIME_LIMIT" "$PY" -m bench.bench_hf_training --out "$RES/train.jsonl" 2>&1 | tee "$RES/train.log" \
+             || { status=1; log "train: failed"; } ;;
     quick) build; bench quick --quick ;;
     report) "$PY" -m bench.report "$RES"/*.jsonl --out "$RES/report" | tail -80 ;;
-    *) echo "unknown stage $stage"; sed -n 2,23p "$0"; exit 2 ;;
+    *) echo "unknown stage $stage"; sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;;
   esac
 done
 log "done: $* (exit $status)"

@@ -126,6 +126,20 @@ def to_dev(d: dict) -> dict:
     return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
 
 
+def rope_vs(ref_fn, args, caches, cos_sin, tol=1e-5, **kw):
+    """Run the triton rope on ``caches`` and ``ref_fn`` on copies; assert the rotated q and every cache agree.
+    Returns (triton q_rot, triton caches, reference caches), all on the CPU."""
+    ref_caches = {n: c.clone() for n, c in caches.items()}
+    ref_q = call_rope(ref_fn, args, ref_caches, cos_sin)
+    dev_caches = to_dev(caches)
+    q_rot = call_rope(rope_append_kv, to_dev(args), dev_caches, cos_sin.to(DEVICE), backend="triton", **kw).cpu()
+    torch.testing.assert_close(q_rot, ref_q, atol=tol, rtol=tol)
+    got = {n: c.cpu() for n, c in dev_caches.items()}
+    for name in got:
+        torch.testing.assert_close(got[name], ref_caches[name], atol=tol, rtol=tol, equal_nan=True)
+    return q_rot, got, ref_caches
+
+
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("rot_dim", [32, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -133,16 +147,10 @@ def test_rope_against_reference(paged, rot_dim, dtype):
     args, caches = rope_case(3 + paged, paged, dtype)
     cos_sin = rope_cos_sin_cache(inv_freq(rot_dim), 256)
     before = {n: c.clone() for n, c in caches.items()}
-    ref_caches = {n: c.clone() for n, c in caches.items()}
-    ref_q = call_rope(R.rope_append_kv, args, ref_caches, cos_sin)
-    dev_caches = to_dev(caches)
-    q_rot = call_rope(rope_append_kv, to_dev(args), dev_caches, cos_sin.to(DEVICE), backend="triton").cpu()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    q_rot, got_caches, ref_caches = rope_vs(R.rope_append_kv, args, caches, cos_sin, tol)
     assert q_rot.dtype == dtype
-    torch.testing.assert_close(q_rot, ref_q, atol=tol, rtol=tol)
-    for name, got in dev_caches.items():
-        got = got.cpu()
-        torch.testing.assert_close(got, ref_caches[name], atol=tol, rtol=tol, equal_nan=True)
+    for name, got in got_caches.items():
         # every slot the reference left alone is bit-identical to before (NaN poison included)
         untouched = (ref_caches[name] == before[name]) | (ref_caches[name] != ref_caches[name])
         same = (got == before[name]) | ((got != got) & (before[name] != before[name]))
@@ -154,13 +162,7 @@ def test_rope_against_reference(paged, rot_dim, dtype):
 def test_rope_int64_positions_and_many_heads():
     args, caches = rope_case(8, True, torch.float32, d=64, hq=8, hkv=1, lq=3, pos_dtype=torch.int64)
     cos_sin = rope_cos_sin_cache(inv_freq(48), 256)
-    ref_caches = {n: c.clone() for n, c in caches.items()}
-    ref_q = call_rope(R.rope_append_kv, args, ref_caches, cos_sin)
-    dev_caches = to_dev(caches)
-    q_rot = call_rope(rope_append_kv, to_dev(args), dev_caches, cos_sin.to(DEVICE), backend="triton").cpu()
-    torch.testing.assert_close(q_rot, ref_q, atol=1e-5, rtol=1e-5)
-    for name, got in dev_caches.items():
-        torch.testing.assert_close(got.cpu(), ref_caches[name], atol=1e-5, rtol=1e-5, equal_nan=True)
+    rope_vs(R.rope_append_kv, args, caches, cos_sin)
 
 
 @pytest.mark.parametrize("paged", [False, True])
@@ -175,17 +177,7 @@ def test_rope_unchecked_bad_values_stay_in_bounds(paged):
     args["q_seqlens"][1] = 4  # more new tokens than the cache holds before them? slot may go negative
     args["cache_seqlens"][1] = 2
     cos_sin = rope_cos_sin_cache(inv_freq(32), 256)
-    ref_caches = {n: c.clone() for n, c in caches.items()}
-    ref_q = torch_backend.rope_append_kv(args["q"], args["k"], args["v"], args["positions"], cos_sin,
-                                         ref_caches["k_cache"], ref_caches["v_cache"], ref_caches["segment"],
-                                         ref_caches["branch"], args["cache_seqlens"], args["segment"],
-                                         args["branch"], args["q_seqlens"], args["block_table"])
-    dev_caches = to_dev(caches)
-    q_rot = call_rope(rope_append_kv, to_dev(args), dev_caches, cos_sin.to(DEVICE), backend="triton",
-                      check_values=False).cpu()
-    torch.testing.assert_close(q_rot, ref_q, atol=1e-5, rtol=1e-5)
-    for name, got in dev_caches.items():
-        torch.testing.assert_close(got.cpu(), ref_caches[name], atol=1e-5, rtol=1e-5, equal_nan=True)
+    rope_vs(torch_backend.rope_append_kv, args, caches, cos_sin, check_values=False)
 
 
 def test_opcheck_triton_backend():
@@ -207,10 +199,4 @@ def test_rope_strided_views_of_fused_qkv():
     qkv = torch.cat([args["q"], args["k"], args["v"]], dim=2)  # [B, L, Hq + 2 Hkv, D]
     args.update(q=qkv[:, :, :4], k=qkv[:, :, 4:6], v=qkv[:, :, 6:])
     cos_sin = rope_cos_sin_cache(inv_freq(32), 256)
-    ref_caches = {n: c.clone() for n, c in caches.items()}
-    ref_q = call_rope(R.rope_append_kv, args, ref_caches, cos_sin)
-    dev_caches = to_dev(caches)
-    q_rot = call_rope(rope_append_kv, to_dev(args), dev_caches, cos_sin.to(DEVICE), backend="triton").cpu()
-    torch.testing.assert_close(q_rot, ref_q, atol=1e-5, rtol=1e-5)
-    for name, got in dev_caches.items():
-        torch.testing.assert_close(got.cpu(), ref_caches[name], atol=1e-5, rtol=1e-5, equal_nan=True)
+    rope_vs(R.rope_append_kv, args, caches, cos_sin)

@@ -70,6 +70,14 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int, check: bool) -> None:
             raise ValueError(f"{name}[-1] ({int(cu[-1])}) must equal the packed token count ({total})")
 
 
+def sequence_starts(cu: torch.Tensor, n: int) -> torch.Tensor:
+    """bool ``[n]``: the packed slots where a sequence of ``cu`` (int32 ``[B + 1]``) starts."""
+    starts = torch.zeros(n, dtype=torch.bool, device=cu.device)
+    if n:
+        starts[cu[:-1].long().clamp(max=n - 1)] = True
+    return starts
+
+
 def ids(seg_name: str, segment: torch.Tensor, br_name: str, branch: torch.Tensor, valid: torch.Tensor,
         new_sequence: torch.Tensor | None = None) -> None:
     """Value checks of the per-token ids: ``branch >= 0``, ``segment >= 0`` and ``segment`` non-decreasing along each

@@ -148,10 +148,8 @@ def branch_attention(
             raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is below the longest query run ({int(len_q.max())})")
         if int(len_k.max()) > max_seqlen_k:
             raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is below the longest key run ({int(len_k.max())})")
-        starts = torch.zeros(total_k, dtype=torch.bool, device=dev)
-        starts[cu_seqlens_k[:-1].long().clamp(max=max(total_k - 1, 0))] = total_k > 0
-        ones = torch.ones(1, total_k, dtype=torch.bool, device=dev)
-        chk.ids("segment", segment[None], "branch", branch[None], ones, starts[None])
+        starts = chk.sequence_starts(cu_seqlens_k, total_k)
+        chk.ids("segment", segment[None], "branch", branch[None], torch.ones_like(starts)[None], starts[None])
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, lse = _branch_attention(
         chk.last_dim_contiguous(q), chk.last_dim_contiguous(k), chk.last_dim_contiguous(v), segment.contiguous(),

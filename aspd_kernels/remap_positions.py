@@ -56,8 +56,7 @@ def remap_positions(
         chk.tensor("cu_seqlens", cu_seqlens, device=dev)
     chk.cu_seqlens("cu_seqlens", cu_seqlens, n, check)
     if check and n:
-        starts = torch.zeros(n, dtype=torch.bool, device=dev)
-        starts[cu_seqlens[:-1].long().clamp(max=n - 1)] = True
+        starts = chk.sequence_starts(cu_seqlens, n)
         chk.ids("segment", segment[None], "branch", branch[None], torch.ones_like(starts)[None], starts[None])
         _check_sections(segment, branch, starts)
     name = resolve("remap_positions", dev, backend)

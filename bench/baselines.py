@@ -94,6 +94,15 @@ def _flash_attn_missing() -> str | None:
     return None
 
 
+def _separate_rows(separate: Callable[[bool], Callable], sep_bytes: int, mask_cap: int):
+    """The "K separate sequences" rows (torch SDPA, and flash-attn where importable), skipped past the memory cap."""
+    too_big = sep_bytes > mask_cap
+    why_big = f"K copies of the prefix need {sep_bytes / 2**30:.1f} GiB > cap {mask_cap / 2**30:.1f} GiB"
+    yield ("separate_sequences", None if too_big else separate(False), why_big if too_big else None)
+    missing = _flash_attn_missing() or (why_big if too_big else None)
+    yield ("flash_attn_separate", None if missing else separate(True), missing)
+
+
 def prefill(case: AttnCase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor,
             branch: torch.Tensor, info: dict, mask_cap: int, cuda: bool) -> Iterator[Baseline]:
     """Baselines of ``branch_attention`` on one sequence: ``q [N, Hq, D]``, ``k, v [N, Hkv, D]``."""
@@ -153,11 +162,7 @@ def prefill(case: AttnCase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                                                                          enable_gqa=g > 1), dev)}
         return setup
 
-    too_big = sep_bytes > mask_cap
-    why_big = f"K copies of the prefix need {sep_bytes / 2**30:.1f} GiB > cap {mask_cap / 2**30:.1f} GiB"
-    yield ("separate_sequences", None if too_big else separate(False), why_big if too_big else None)
-    missing = _flash_attn_missing() or (why_big if too_big else None)
-    yield ("flash_attn_separate", None if missing else separate(True), missing)
+    yield from _separate_rows(separate, sep_bytes, mask_cap)
 
 
 def decode(case: AttnCase, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, segment: torch.Tensor,
@@ -224,8 +229,4 @@ def decode(case: AttnCase, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                  dev)}
         return setup
 
-    too_big = sep_bytes > mask_cap
-    why_big = f"K copies of the prefix need {sep_bytes / 2**30:.1f} GiB > cap {mask_cap / 2**30:.1f} GiB"
-    yield ("separate_sequences", None if too_big else separate(False), why_big if too_big else None)
-    missing = _flash_attn_missing() or (why_big if too_big else None)
-    yield ("flash_attn_separate", None if missing else separate(True), missing)
+    yield from _separate_rows(separate, sep_bytes, mask_cap)

@@ -41,6 +41,19 @@ void check_int32(const at::Tensor& t, const char* op, const char* name, const at
   TORCH_CHECK_VALUE(t.is_contiguous(), "aspd::", op, ": ", name, " must be contiguous");
 }
 
+// A paged cache needs block_table [B, max_blocks]; a contiguous one needs B rows. Returns whether it is paged.
+bool check_cache_rows(const std::optional<at::Tensor>& block_table, const at::Tensor& k_cache, int64_t bsz,
+                      const char* op, const at::Tensor& q) {
+  if (!block_table.has_value()) {
+    TORCH_CHECK_VALUE(k_cache.size(0) == bsz, "aspd::", op, ": a contiguous k_cache must have B rows");
+    return false;
+  }
+  check_int32(*block_table, op, "block_table", q, 2);
+  TORCH_CHECK_VALUE(block_table->size(0) == bsz && block_table->size(1) > 0, "aspd::", op,
+                    ": block_table must be [B, max_blocks] with max_blocks > 0");
+  return true;
+}
+
 void check_last_dim(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.stride(-1) == 1, "aspd::", op, ": ", name, " must have a contiguous last dimension");
 }
@@ -91,14 +104,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   TORCH_CHECK_VALUE(segment.size(0) == k_cache.size(0) && segment.size(1) == k_cache.size(1) &&
                         branch.sizes() == segment.sizes(),
                     "aspd::", op, ": segment and branch must be [k_cache.shape[0], k_cache.shape[1]]");
-  const bool paged = block_table.has_value();
-  if (paged) {
-    check_int32(*block_table, op, "block_table", q, 2);
-    TORCH_CHECK_VALUE(block_table->size(0) == bsz && block_table->size(1) > 0, "aspd::", op,
-                      ": block_table must be [B, max_blocks] with max_blocks > 0");
-  } else {
-    TORCH_CHECK_VALUE(k_cache.size(0) == bsz, "aspd::", op, ": a contiguous k_cache must have B rows");
-  }
+  const bool paged = check_cache_rows(block_table, k_cache, bsz, op, q);
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({bsz, lq, hq, d}, q.options());
@@ -191,14 +197,7 @@ at::Tensor rope_append_kv(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_int32(branch, op, "branch", q, 2);
   TORCH_CHECK_VALUE(segment.size(0) == bsz && segment.size(1) == len && branch.sizes() == segment.sizes(), "aspd::",
                     op, ": segment and branch must be [B, L]");
-  const bool paged = block_table.has_value();
-  if (paged) {
-    check_int32(*block_table, op, "block_table", q, 2);
-    TORCH_CHECK_VALUE(block_table->size(0) == bsz && block_table->size(1) > 0, "aspd::", op,
-                      ": block_table must be [B, max_blocks] with max_blocks > 0");
-  } else {
-    TORCH_CHECK_VALUE(k_cache.size(0) == bsz, "aspd::", op, ": a contiguous k_cache must have B rows");
-  }
+  const bool paged = check_cache_rows(block_table, k_cache, bsz, op, q);
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto q_out = at::empty({bsz, len, hq, d}, q.options());

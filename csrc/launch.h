@@ -32,7 +32,7 @@ struct DecodeParams {
   int page_size, num_pages, max_pages;
   int capacity;         // slots a sequence can hold: page_size (contiguous) or max_pages * page_size (paged)
   int num_splits;       // filled by plan_decode
-  float softmax_scale;
+  double softmax_scale;  // double: the float64 path must not round the scale to fp32 (1e-7 relative error)
   DType dtype;
   bool aligned;         // k/v pointers and strides allow 16-byte copies (else the generic kernel runs)
 };

@@ -136,7 +136,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   p.num_pages = as_int(k_cache.size(0), op, "k_cache.shape[0]");
   p.max_pages = paged ? as_int(block_table->size(1), op, "block_table.shape[1]") : 1;
   p.capacity = as_int(int64_t(p.page_size) * p.max_pages, op, "the cache capacity");
-  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softmax_scale = softmax_scale;
   p.dtype = dtype_of(q, op);
   p.aligned = rows_aligned16(k_cache) && rows_aligned16(v_cache);
   TORCH_CHECK_VALUE(bsz <= 65535, "aspd::", op, ": B must be <= 65535 (grid limit)");

@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
   for (int dt = 0; dt < D / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};  // per-thread partial sums; the quad reduces them once at the end
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * log2 e)
+  // log2(e): exp(x) = exp2(x * log2 e); one rounding of the product to fp32
+  const float scale_log2 = static_cast<float>(p.softmax_scale * 1.4426950408889634);
   // Rows of live tokens are R < lq * G; a warp past them skips the math (serial decoding, lq = 1, G = 8, keeps
   // one warp of four busy) but still copies tiles and meets every barrier.
   const bool warp_active = row0 + warp * 16 < lq * G;

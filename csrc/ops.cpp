@@ -135,7 +135,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   p.page_size = as_int(k_cache.size(1), op, "k_cache.shape[1]");
   p.num_pages = as_int(k_cache.size(0), op, "k_cache.shape[0]");
   p.max_pages = paged ? as_int(block_table->size(1), op, "block_table.shape[1]") : 1;
-  p.capacity = as_int(int64_t(p.page_size) * p.max_pages, op, "the cache capacity");
+  // A cache with no page holds nothing: its capacity is 0, else the page clamp of PageMap would give index -1
+  p.capacity = p.num_pages == 0 ? 0 : as_int(int64_t(p.page_size) * p.max_pages, op, "the cache capacity");
   p.softmax_scale = softmax_scale;
   p.dtype = dtype_of(q, op);
   p.aligned = rows_aligned16(k_cache) && rows_aligned16(v_cache);
@@ -243,7 +244,8 @@ at::Tensor rope_append_kv(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.page_size = as_int(k_cache.size(1), op, "k_cache.shape[1]");
   p.num_pages = as_int(k_cache.size(0), op, "k_cache.shape[0]");
   p.max_pages = paged ? as_int(block_table->size(1), op, "block_table.shape[1]") : 1;
-  p.capacity = as_int(int64_t(p.page_size) * p.max_pages, op, "the cache capacity");
+  // A cache with no page holds nothing: its capacity is 0, else the page clamp of PageMap would give index -1
+  p.capacity = p.num_pages == 0 ? 0 : as_int(int64_t(p.page_size) * p.max_pages, op, "the cache capacity");
   p.dtype = dtype_of(q, op);
   TORCH_CHECK_VALUE(len <= 65535 && bsz <= 65535, "aspd::", op, ": B and L must be <= 65535 (grid limits)");
   check_cuda(launch_rope_append_kv(p, c10::cuda::getCurrentCUDAStream().stream()), op, "kernel launch");

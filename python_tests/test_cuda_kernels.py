@@ -189,6 +189,33 @@ def test_decode_unchecked_lengths_are_clamped():
     assert (out[1] == 0).all()  # a negative length clamps to an empty sequence
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_empty_paged_cache_is_never_indexed(dtype):
+    """A paged cache with no block at all (k_cache.shape[0] == 0) and unchecked lengths: every row comes back
+    zero and nothing is written (clamping a block id into [0, num_blocks - 1] would give -1 here)."""
+    d = 64
+    k_cache = torch.empty(0, 16, 2, d, dtype=dtype, device=DEV)
+    v_cache = torch.empty_like(k_cache)
+    seg_c, br_c = (torch.empty(0, 16, dtype=torch.int32, device=DEV) for _ in range(2))
+    table = torch.zeros(2, 4, dtype=torch.int32, device=DEV)
+    lens = torch.tensor([40, 3], dtype=torch.int32, device=DEV)
+    qs = torch.tensor([3, 2], dtype=torch.int32, device=DEV)
+    q = torch.randn(2, 3, 4, d, device=DEV, dtype=dtype)
+    outs = [branch_attention_with_kvcache(q, k_cache, v_cache, lens, seg_c, br_c, q_seqlens=qs, block_table=table,
+                                          check_values=False, backend="cuda")]
+    outs.append(_cuda.branch_attention_with_kvcache(q, k_cache, v_cache, lens, seg_c, br_c, qs, table, 0.125, 3))
+    k = torch.randn(2, 3, 2, d, device=DEV, dtype=dtype)
+    ids = torch.ones(2, 3, dtype=torch.int32, device=DEV)
+    csc = rope_cos_sin_cache(_inv_freq(d), 8).to(DEV)
+    q_rot = rope_append_kv(q, k, k.clone(), torch.zeros(2, 3, dtype=torch.int32, device=DEV), csc, k_cache, v_cache,
+                           seg_c, br_c, lens, ids, ids, q_seqlens=qs, block_table=table, check_values=False,
+                           backend="cuda")
+    torch.cuda.synchronize()
+    for out in outs:
+        assert (out == 0).all()
+    torch.testing.assert_close(q_rot, q, atol=0, rtol=0)  # position 0: cos 1, sin 0
+
+
 def test_decode_cuda_graph_capture():
     dtype = torch.bfloat16
     raw = make_cache(21, batch=3, hkv=2, d=128, dtype=dtype, paged=True, max_tokens=250)

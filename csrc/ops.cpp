@@ -247,7 +247,8 @@ at::Tensor rope_append_kv(const at::Tensor& q, const at::Tensor& k, const at::Te
   // A cache with no page holds nothing: its capacity is 0, else the page clamp of PageMap would give index -1
   p.capacity = p.num_pages == 0 ? 0 : as_int(int64_t(p.page_size) * p.max_pages, op, "the cache capacity");
   p.dtype = dtype_of(q, op);
-  TORCH_CHECK_VALUE(len <= 65535 && bsz <= 65535, "aspd::", op, ": B and L must be <= 65535 (grid limits)");
+  // grid (L, B): only gridDim.y is limited to 65535, so a long prefill (L > 65535) stays legal
+  TORCH_CHECK_VALUE(bsz <= 65535, "aspd::", op, ": B must be <= 65535 (grid limit)");
   check_cuda(launch_rope_append_kv(p, c10::cuda::getCurrentCUDAStream().stream()), op, "kernel launch");
   return q_out;
 }

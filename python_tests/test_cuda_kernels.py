@@ -286,6 +286,30 @@ def test_rope_append_kv_vs_reference(dtype, rot_dim, d, paged, pos_dtype):
         torch.testing.assert_close(got.cpu().double(), ref.double(), atol=tol, rtol=tol, equal_nan=True)
 
 
+def test_rope_append_kv_prefill_longer_than_65535():
+    """One launch for a 70k-token prefill: the grid's x dimension is the token index (no 65535 limit there)."""
+    dtype, L, d = torch.float16, 70_000, 64
+    q = torch.randn(1, L, 2, d, device=DEV).to(dtype)
+    k = torch.randn(1, L, 1, d, device=DEV).to(dtype)
+    v = torch.randn(1, L, 1, d, device=DEV).to(dtype)
+    pos = torch.arange(L, device=DEV, dtype=torch.int32)[None]
+    csc = rope_cos_sin_cache(_inv_freq(d), L).to(DEV)
+    k_cache = torch.full((1, L + 8, 1, d), float("nan"), dtype=dtype, device=DEV)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    seg_c, br_c = (torch.full((1, L + 8), -7, dtype=torch.int32, device=DEV) for _ in range(2))
+    seg = torch.zeros(1, L, dtype=torch.int32, device=DEV)
+    lens = torch.tensor([L], dtype=torch.int32, device=DEV)
+    q_rot = rope_append_kv(q, k, v, pos, csc, k_cache, v_cache, seg_c, br_c, lens, seg, seg, backend="cuda")
+    cs = csc.double()[pos[0].long()][:, None, :]
+    cos, sin = cs[..., : d // 2], cs[..., d // 2:]
+    tol = TOL[dtype]
+    torch.testing.assert_close(q_rot[0].double(), R.rotate_half(q[0].double(), cos, sin), atol=tol, rtol=tol)
+    torch.testing.assert_close(k_cache[0, :L].double(), R.rotate_half(k[0].double(), cos, sin), atol=tol, rtol=tol)
+    assert torch.equal(v_cache[0, :L], v[0])
+    assert (seg_c[0, :L] == 0).all() and (br_c[0, :L] == 0).all() and (seg_c[0, L:] == -7).all()
+    assert torch.isnan(k_cache[0, L:]).all()
+
+
 @pytest.mark.parametrize("width", [None, 5])
 @pytest.mark.parametrize("strategy", R.STRATEGIES)
 @pytest.mark.parametrize("seed", [0, 1, 2])

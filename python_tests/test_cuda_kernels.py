@@ -34,8 +34,14 @@ TOL = {torch.bfloat16: 2.5e-2, torch.float16: 4e-3, torch.float32: 2e-5, torch.f
 
 def poison_allocator(mib: int = 64) -> None:
     """Leave all-ones bytes (NaN in fp16, bf16, fp32 and fp64) in the caching allocator's free blocks, so that
-    an output element the kernel forgets to write shows up as NaN."""
-    junk = torch.full((mib << 19,), -1, dtype=torch.int16, device=DEV)
+    an output element the kernel forgets to write shows up as NaN.
+
+    Requests of at most 1 MiB come from a separate pool of 2 MiB segments, which one large block would never
+    reach: most outputs here are that small. Free segments holding stale (finite) results are released first so
+    that the best fit of the next request is a poisoned block."""
+    torch.cuda.empty_cache()
+    junk = [torch.full((1 << 19,), -1, dtype=torch.int16, device=DEV) for _ in range(16)]  # 1 MiB each: small pool
+    junk.append(torch.full((mib << 19,), -1, dtype=torch.int16, device=DEV))  # large pool
     del junk
 
 

@@ -102,24 +102,30 @@ def test_decode_vs_reference(dtype, lq, d, hq, hkv, paged):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
 @pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_forced_splits(dtype, paged, num_splits):
-    """Split-KV + merge on short caches: some splits are empty, some rows see nothing in a split."""
-    cache = make_cache(17 + num_splits, batch=3, hkv=2, d=128, dtype=dtype, paged=paged, block_size=32,
+def test_decode_forced_splits(dtype, d, paged, num_splits):
+    """Split-KV + merge on short caches: some splits are empty, some rows see nothing in a split. Both head sizes
+    (their own ring depth and merge kernel): caches this short never split under the heuristic."""
+    cache = make_cache(17 + num_splits, batch=3, hkv=2, d=d, dtype=dtype, paged=paged, block_size=32,
                        max_tokens=400, extra=40)
     q_seqlens = ragged(16, cache["cache_seqlens"])
-    q = torch.randn(3, 16, 8, 128).to(dtype)
+    q = torch.randn(3, 16, 8, d).to(dtype)
     check(run_cuda(cache, q, q_seqlens, num_splits=num_splits), reference(cache, q, q_seqlens), q_seqlens, dtype)
 
 
-@pytest.mark.parametrize("d", [32, 64, 96, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+GENERIC_CASES = [(dt, d) for dt in (torch.float32, torch.float64) for d in (32, 64, 96, 128, 256)] + [
+    (dt, d) for dt in (torch.bfloat16, torch.float16) for d in (32, 96, 256)]
+
+
+@pytest.mark.parametrize("dtype,d", GENERIC_CASES)
 def test_decode_generic_kernel(dtype, d):
-    """float32/float64 and head sizes off the tensor-core path go to the warp-per-row kernel. The scale 0.3 has no
-    exact fp32 form: a scale rounded to fp32 on the float64 path is off by ~1e-7, far outside the fp64 tolerance."""
-    cache = make_cache(d, batch=3, hkv=2, d=d, dtype=dtype, paged=d == 96, max_tokens=200)
+    """float32/float64, and fp16/bf16 head sizes off the tensor-core path (32, 96, 256), go to the warp-per-row
+    kernel. The scale 0.3 has no exact fp32 form: a scale rounded to fp32 on the float64 path is off by ~1e-7, far
+    outside the fp64 tolerance."""
+    cache = make_cache(d, batch=3, hkv=2, d=d, dtype=dtype, paged=d in (96, 256), max_tokens=200)
     q_seqlens = ragged(7, cache["cache_seqlens"])
-    q = torch.randn(3, 7, 6, d, dtype=dtype)
+    q = torch.randn(3, 7, 6, d).to(dtype)
     check(run_cuda(cache, q, q_seqlens, scale=0.3), reference(cache, q, q_seqlens, scale=0.3), q_seqlens, dtype)
 
 

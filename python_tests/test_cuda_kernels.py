@@ -255,6 +255,92 @@ def test_decode_cuda_graph_capture():
     check(static_out, reference(raw, q.cpu(), q_seqlens.cpu()), q_seqlens.cpu(), dtype)
 
 
+def _direct_decode_args() -> dict:
+    c = to_dev(make_cache(41, batch=2, hkv=2, d=64, dtype=torch.float16, paged=True, max_tokens=60, poison=False))
+    return dict(q=torch.randn(2, 3, 4, 64, device=DEV).half(), k_cache=c["k_cache"], v_cache=c["v_cache"],
+                cache_seqlens=c["cache_seqlens"], segment=c["segment"], branch=c["branch"],
+                q_seqlens=torch.tensor([3, 1], dtype=torch.int32, device=DEV), block_table=c["block_table"],
+                softmax_scale=0.125, num_splits=0)
+
+
+def _strided_last(t: torch.Tensor) -> torch.Tensor:
+    """t's shape with a last-dim stride of 2."""
+    return torch.stack([t, t], dim=-1)[..., 0]
+
+
+DIRECT_DECODE_CASES = [
+    ("q must be a CUDA tensor", ValueError, lambda a: dict(q=a["q"].cpu())),
+    ("k_cache and v_cache must have q's dtype", TypeError,
+     lambda a: dict(k_cache=a["k_cache"].float(), v_cache=a["v_cache"].float())),
+    ("k_cache must have a contiguous last dimension", ValueError,
+     lambda a: dict(k_cache=_strided_last(a["k_cache"]), v_cache=_strided_last(a["v_cache"]))),
+    ("multiple of Hkv", ValueError, lambda a: dict(q=a["q"][:, :, :3])),
+    ("head size 320", ValueError, lambda a: dict(q=torch.zeros(2, 3, 4, 320, device=DEV).half(),
+                                                 k_cache=torch.zeros(*a["k_cache"].shape[:3], 320, device=DEV).half(),
+                                                 v_cache=torch.zeros(*a["v_cache"].shape[:3], 320, device=DEV).half())),
+    ("unsupported dtype", TypeError, lambda a: dict(q=a["q"].int(), k_cache=a["k_cache"].int(),
+                                                    v_cache=a["v_cache"].int())),
+    ("cache_seqlens must be int32", TypeError, lambda a: dict(cache_seqlens=a["cache_seqlens"].long())),
+    ("q_seqlens must have B entries", ValueError, lambda a: dict(q_seqlens=a["q_seqlens"][:1])),
+    ("segment must be contiguous", ValueError, lambda a: dict(segment=a["segment"].t().contiguous().t())),
+    ("segment and branch must be", ValueError, lambda a: dict(segment=a["segment"][:, :5].contiguous())),
+    ("block_table must be", ValueError, lambda a: dict(block_table=a["block_table"][:1])),
+    ("a contiguous k_cache must have B rows", ValueError, lambda a: dict(block_table=None)),
+    ("num_splits", ValueError, lambda a: dict(num_splits=5000)),
+]
+
+
+@pytest.mark.parametrize("what,exc,change", DIRECT_DECODE_CASES, ids=[c[0] for c in DIRECT_DECODE_CASES])
+def test_direct_decode_call_rejects(what, exc, change):
+    """torch.ops.aspd.cuda_decode_attention called directly (no Python checks): an exception naming the
+    argument, never a launch on bad pointers."""
+    a = _direct_decode_args()
+    a.update(change(a))
+    with pytest.raises(exc, match=what):
+        torch.ops.aspd.cuda_decode_attention(**a)
+    torch.cuda.synchronize()
+
+
+def test_direct_rope_and_remap_calls_reject():
+    c = to_dev(make_cache(43, batch=2, hkv=2, d=64, dtype=torch.float16, max_tokens=60, poison=False))
+    q = torch.randn(2, 3, 4, 64, device=DEV).half()
+    k = torch.randn(2, 3, 2, 64, device=DEV).half()
+    ids = torch.ones(2, 3, dtype=torch.int32, device=DEV)
+    csc = rope_cos_sin_cache(_inv_freq(64), 16).to(DEV)
+    base = dict(q=q, k=k, v=k.clone(), positions=torch.zeros(2, 3, dtype=torch.int32, device=DEV), cos_sin_cache=csc,
+                k_cache=c["k_cache"], v_cache=c["v_cache"], segment_cache=c["segment"], branch_cache=c["branch"],
+                cache_seqlens=c["cache_seqlens"], segment=ids, branch=ids,
+                q_seqlens=torch.tensor([3, 3], dtype=torch.int32, device=DEV), block_table=None)
+    torch.ops.aspd.cuda_rope_append_kv(**base)
+    cases = [
+        ("k must have q's dtype", TypeError, dict(k=k.float())),
+        ("positions must be int32 or int64", TypeError, dict(positions=base["positions"].float())),
+        ("positions must be a contiguous", ValueError, dict(positions=torch.zeros(3, 2, dtype=torch.int32,
+                                                                                  device=DEV).t())),
+        ("cos_sin_cache must be float32", TypeError, dict(cos_sin_cache=csc.double())),
+        ("cos_sin_cache must be \\[P > 0, rot_dim\\]", ValueError, dict(cos_sin_cache=csc[:, :3].contiguous())),
+        ("k and v must be", ValueError, dict(v=k[:, :2].contiguous())),
+        ("k_cache and v_cache must be", ValueError, dict(k=k[:, :, :1].contiguous(), v=k[:, :, :1].contiguous())),
+        ("segment_cache and branch_cache must be", ValueError, dict(segment_cache=c["segment"][:, :4].contiguous())),
+        ("segment and branch must be \\[B, L\\]", ValueError, dict(segment=ids[:, :2].contiguous())),
+        ("block_table must be int32", TypeError, dict(block_table=torch.zeros(2, 1, device=DEV))),
+    ]
+    for what, exc, change in cases:
+        with pytest.raises(exc, match=what):
+            torch.ops.aspd.cuda_rope_append_kv(**{**base, **change})
+    seg = torch.zeros(4, dtype=torch.int32, device=DEV)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEV)
+    for what, exc, args in [
+        ("strategy code", ValueError, (seg, seg, cu, 7, 0)),
+        ("cu_seqlens must hold", ValueError, (seg, seg, cu[:1], 0, 0)),
+        ("branch must have segment's length", ValueError, (seg, seg[:3], cu, 0, 0)),
+        ("segment must be int32", TypeError, (seg.long(), seg, cu, 0, 0)),
+    ]:
+        with pytest.raises(exc, match=what):
+            torch.ops.aspd.cuda_remap_positions(*args)
+    torch.cuda.synchronize()
+
+
 def test_auto_picks_cuda():
     assert _dispatch.resolve("branch_attention_with_kvcache", torch.device(DEV)) == "cuda"
     assert _dispatch.resolve("rope_append_kv", torch.device(DEV)) == "cuda"

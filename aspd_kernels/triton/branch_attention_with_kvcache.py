@@ -61,7 +61,12 @@ def _decode_kernel(
     live = i < lq
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q_ptr = Q + b64 * stride_qb + i[:, None] * stride_qi + head[:, None] * stride_qh + d[None, :]
+    # every index that multiplies a stride is int64: a view (a head-major cache, a fused projection) can put a
+    # head or a row past element 2**31 of its tensor even when each stride fits in int32
+    i64 = i.to(tl.int64)
+    head64 = head.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    q_ptr = Q + b64 * stride_qb + i64[:, None] * stride_qi + head64[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr, mask=live[:, None] & d_ok[None, :], other=0.0)
     if CAST_F32:
         q = q.to(tl.float32)
@@ -100,7 +105,7 @@ def _decode_kernel(
             v_row = b64 * stride_vb + slot.to(tl.int64) * stride_vn
             id_off = b64 * stride_sb + slot
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + k_row[:, None] + hk * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + k_row[:, None] + hk64 * stride_kh + d[None, :], mask=kv_mask, other=0.0)
         k_seg = tl.load(SEG + id_off, mask=k_ok, other=-1)
         k_br = tl.load(BR + id_off, mask=k_ok, other=-1)
         if CAST_F32:
@@ -117,7 +122,7 @@ def _decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_row[:, None] + hk * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + v_row[:, None] + hk64 * stride_vh + d[None, :], mask=kv_mask, other=0.0)
         if CAST_F32:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
         else:
@@ -129,12 +134,12 @@ def _decode_kernel(
     rows_ok = i < Lq
     if SPLIT:
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        base = sp.to(tl.int64) * stride_ps + b64 * stride_pb + i * stride_pi + head * stride_ph
+        base = sp.to(tl.int64) * stride_ps + b64 * stride_pb + i64 * stride_pi + head64 * stride_ph
         tl.store(O_PART + base[:, None] + d[None, :], o, mask=rows_ok[:, None] & d_ok[None, :])
-        l_base = sp.to(tl.int64) * stride_ls + b64 * stride_lb + i * stride_li + head
+        l_base = sp.to(tl.int64) * stride_ls + b64 * stride_lb + i64 * stride_li + head64
         tl.store(LSE_PART + l_base, lse, mask=rows_ok)
     else:
-        o_ptr = OUT + b64 * stride_ob + i[:, None] * stride_oi + head[:, None] * stride_oh + d[None, :]
+        o_ptr = OUT + b64 * stride_ob + i64[:, None] * stride_oi + head64[:, None] * stride_oh + d[None, :]
         tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
 
@@ -153,7 +158,7 @@ def _merge_kernel(
     b64 = b.to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(CACHE_SEQLENS + b), 0), capacity)
     lq = tl.minimum(tl.maximum(tl.load(Q_SEQLENS + b), 0), tl.minimum(Lq, n))
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # int64: i * stride_oi may pass 2**31
     i = r // Hq
     h = r % Hq
     live = i < lq

@@ -34,7 +34,11 @@ def _rope_append_kernel(
     h = tl.program_id(1)
     b = token // L
     i = token % L
+    # int64 indices wherever they multiply a stride: q, k, v may be views (head-major, fused projections) whose
+    # heads lie past element 2**31 while every stride fits in int32
     b64 = b.to(tl.int64)
+    i64 = i.to(tl.int64)
+    h64 = h.to(tl.int64)
 
     pos = tl.load(POS + token).to(tl.int32)
     pos = tl.minimum(tl.maximum(pos, 0), num_positions - 1)
@@ -50,14 +54,15 @@ def _rope_append_kernel(
     sign = tl.where(first, -1.0, 1.0)
 
     if h < Hq:
-        src = Q + b64 * stride_qb + i.to(tl.int64) * stride_qi + h * stride_qh
+        src = Q + b64 * stride_qb + i64 * stride_qi + h64 * stride_qh
         x = tl.load(src + d, mask=d_ok, other=0.0).to(tl.float32)
         x_p = tl.load(src + partner, mask=rot, other=0.0).to(tl.float32)
         y = tl.where(rot, x * cos + sign * x_p * sin, x)
-        dst = Q_OUT + b64 * stride_ob + i.to(tl.int64) * stride_oi + h * stride_oh
+        dst = Q_OUT + b64 * stride_ob + i64 * stride_oi + h64 * stride_oh
         tl.store(dst + d, y.to(Q_OUT.dtype.element_ty), mask=d_ok)
     else:
         hk = h - Hq
+        hk64 = h64 - Hq
         n = tl.load(CACHE_SEQLENS + b)
         lq = tl.load(Q_SEQLENS + b)
         slot = n - lq + i
@@ -70,13 +75,13 @@ def _rope_append_kernel(
             else:
                 row = b64 * stride_cb + slot.to(tl.int64) * stride_cn
                 id_off = b64 * stride_sb + slot
-            src = K + b64 * stride_kb + i.to(tl.int64) * stride_ki + hk * stride_kh
+            src = K + b64 * stride_kb + i64 * stride_ki + hk64 * stride_kh
             x = tl.load(src + d, mask=d_ok, other=0.0).to(tl.float32)
             x_p = tl.load(src + partner, mask=rot, other=0.0).to(tl.float32)
             y = tl.where(rot, x * cos + sign * x_p * sin, x)
-            tl.store(K_CACHE + row + hk * stride_ch + d, y.to(K_CACHE.dtype.element_ty), mask=d_ok)
-            val = tl.load(V + b64 * stride_vb + i.to(tl.int64) * stride_vi + hk * stride_vh + d, mask=d_ok)
-            tl.store(V_CACHE + row + hk * stride_ch + d, val, mask=d_ok)
+            tl.store(K_CACHE + row + hk64 * stride_ch + d, y.to(K_CACHE.dtype.element_ty), mask=d_ok)
+            val = tl.load(V + b64 * stride_vb + i64 * stride_vi + hk64 * stride_vh + d, mask=d_ok)
+            tl.store(V_CACHE + row + hk64 * stride_ch + d, val, mask=d_ok)
             if hk == 0:
                 tl.store(SEG_CACHE + id_off, tl.load(SEG + token))
                 tl.store(BR_CACHE + id_off, tl.load(BR + token))

@@ -297,6 +297,7 @@ from aspd_kernels.hf.synthetic import byte_tokenizer, synthetic_dataset
 from aspd_kernels.reference import dense_mask
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+dev = torch.device(os.environ.get("ASPD_TEST_DEVICE", "cpu"))
 tok = byte_tokenizer()
 exs = [ah.encode_example(tok, p, r) for p, r in synthetic_dataset(2, seed=1)]
 batch = ah.AspdCollator()(exs)
@@ -308,7 +309,9 @@ for i, e in enumerate(exs):
 cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1)
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(cfg, attn_implementation="aspd", dtype=torch.float32)
+model = AutoModelForCausalLM.from_config(cfg, attn_implementation="aspd", dtype=torch.float32).to(dev)
+batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+mask = mask.to(dev)
 sdpa = copy.deepcopy(model)
 sdpa.set_attn_implementation("sdpa")
 out = model(**batch, aspd_backend="triton")
@@ -316,26 +319,47 @@ out.loss.backward()
 ref = sdpa(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
            attention_mask=mask[None, None])
 ref.loss.backward()
-torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+# the same float32 arithmetic on both sides, summed in other orders (and SDPA may use tf32 on a GPU)
+loss_tol, grad_tol = (1e-5, 1e-4) if dev.type == "cpu" else (1e-3, 5e-3)
+torch.testing.assert_close(out.loss, ref.loss, rtol=loss_tol, atol=loss_tol)
 for (name, p), q in zip(model.named_parameters(), sdpa.parameters()):
     err = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
-    assert err < 1e-4, (name, err)
+    assert err < grad_tol, (name, err)
 print("ok")
 """
 
 
-def test_triton_backend_interpreted():
-    """The GPU path's kernels (Triton, run by the interpreter on CPU) behind attn_implementation="aspd": loss and
-    gradients equal SDPA with the dense mask. A subprocess: TRITON_INTERPRET must be set before triton loads."""
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+@pytest.mark.parametrize("device", ["interpreter", "cuda"])
+def test_triton_backend_behind_transformers(device):
+    """The Triton kernels behind attn_implementation="aspd" -- run by the interpreter on CPU, compiled on a GPU:
+    loss and gradients equal SDPA with the dense mask. A subprocess: TRITON_INTERPRET must be set (or unset)
+    before triton loads."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     pytest.importorskip("triton")
+    env = dict(os.environ)
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        env.pop("TRITON_INTERPRET", None)
+        env["ASPD_TEST_DEVICE"] = "cuda"
+    else:
+        if _triton_version() < (3, 7):
+            # seen with triton 3.6 (the GPU image's) and numpy >= 2.4: its interpreter holds scalars as 1-element
+            # arrays and cannot use them as loop bounds; compiled kernels are not affected
+            pytest.skip(f"triton {_triton_version()}'s interpreter cannot run loops with tensor bounds")
+        env["TRITON_INTERPRET"] = "1"
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=600, cwd=root)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

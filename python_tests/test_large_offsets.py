@@ -31,6 +31,9 @@ from layouts import random_layout  # noqa: E402
 from aspd_kernels import branch_attention, branch_attention_with_kvcache, rope_append_kv, rope_cos_sin_cache  # noqa: E402,E501
 from aspd_kernels import reference as R  # noqa: E402
 
+tba = importlib.import_module("aspd_kernels.triton.branch_attention")
+rp = importlib.import_module("aspd_kernels.triton.remap_positions")
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
                                 reason="needs a GPU or TRITON_INTERPRET=1")
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
@@ -69,6 +72,12 @@ def lazy(shape, dtype) -> torch.Tensor:
         strides.insert(0, acc)
         acc *= n
     return lazy_view(shape, strides, dtype)
+
+
+def guard_written(t: torch.Tensor, n: int = 1 << 16) -> bool:
+    """Whether a kernel wrote into the first ``n`` guard elements of ``lazy_view`` ``t``: where an index just past
+    2**31 lands once it wraps around (``GUARD + i - 2**32 = i - 2**31``)."""
+    return bool(torch.count_nonzero(t._base[:n]))
 
 
 def last_element(t: torch.Tensor) -> int:
@@ -279,3 +288,124 @@ def test_rope_input_views_beyond_2_31(layout):
     k_cache = torch.empty(bsz, 64, hkv, d, dtype=torch.float16, device=DEVICE)
     seg = torch.empty(bsz, 64, dtype=torch.int32, device=DEVICE)
     _rope_case(q, k, v, k_cache, torch.empty_like(k_cache), seg, torch.empty_like(seg), lens=[5, 40, 17][:bsz])
+
+
+# ---------------------------------------------------------------- branch_attention (prefill, forward and backward)
+
+def _prefill_case(q, k, v, lens, seed=0):
+    """Random q, k, v written through their views; the public op (which passes last-dim-contiguous views to the
+    kernels as they are) forward and backward, with an lse gradient, against the float64 reference on small
+    contiguous copies."""
+    dtype = q.dtype
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape).to(dtype).to(DEVICE))
+    ids = _layouts(lens, seed)
+    seg = torch.cat([s for s, _ in ids]).to(DEVICE)
+    br = torch.cat([b for _, b in ids]).to(DEVICE)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out, lse = branch_attention(*leaves, seg, br, cu, cu, max(lens), max(lens), return_lse=True, backend="triton")
+    dout = torch.randn(out.shape).to(dtype).to(DEVICE)
+    dlse = torch.randn(lse.shape, device=DEVICE)
+    grads = torch.autograd.grad((out * dout).float().sum() + (lse * dlse).sum(), leaves)
+
+    _compare_prefill(q, k, v, seg, br, cu, dout, dlse, out, lse, grads)
+
+
+def _compare_prefill(q, k, v, seg, br, cu, dout, dlse, out, lse, grads):
+    """out, lse and the gradients of ``sum(out * dout) + sum(lse * dlse)`` against the float64 reference."""
+    small = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    rout, rlse = R.branch_attention(*small, seg.cpu(), br.cpu(), cu.cpu(), cu.cpu())
+    rgrads = torch.autograd.grad((rout * dout.cpu().double()).sum() + (rlse * dlse.cpu().double()).sum(), small)
+    out_tol, grad_tol = 2e-3, 1e-2  # fp16 outputs and gradients, rounded once from fp32
+    torch.testing.assert_close(out.detach().cpu().double(), rout.detach(), atol=out_tol, rtol=out_tol)
+    torch.testing.assert_close(lse.detach().cpu().double(), rlse.detach().double(), atol=2e-4, rtol=2e-4)
+    for name, g, r in zip("qkv", grads, rgrads):
+        torch.testing.assert_close(g.cpu().double(), r, atol=grad_tol, rtol=grad_tol, msg=lambda m: f"d{name}: {m}")
+
+
+def test_prefill_packed_rows_beyond_2_31():
+    """Every tensor of the forward and the backward (q, k, v, out, dout, dq, dk, dv) a view whose token stride puts
+    the second (last) packed sequence past element 2**31: the ``row * stride_t`` products of a packed batch of more
+    than 2**31 elements (about 512k tokens at H * D = 4096), reached with 64 tokens. ``lse`` is a head-strided view
+    (``h * stride_lh``). The backend functions are called directly: the public op hands its own contiguous ``out``
+    and ``dout.contiguous()`` to the backward, so only a truly large batch would reach these products through it.
+    (``cu_seqlens`` are int32, so a token index fits; its product with a stride does not.)
+
+    Fails when ``seq_bounds`` returns int32 starts (forward, dK/dV, dQ), and without the int64 rows of
+    ``_bwd_preprocess_kernel`` (the kernel before this test: ``rows * stride_ot`` wrapped)."""
+    lens, hq, hkv, d = [36, 28], 4, 2, 32
+    total, stride_t = sum(lens), (1 << 26) + 64
+    assert lens[0] * stride_t >= INT32_LIMIT
+
+    def packed(heads):
+        return lazy_view((total, heads, d), (stride_t, d, 1), torch.float16)
+
+    q, k, v, out, dout, dq, dk, dv = (packed(h) for h in (hq, hkv, hkv, hq, hq, hq, hkv, hkv))
+    stride_lh = (INT32_LIMIT // (hq - 1)) + 64
+    lse = lazy_view((hq, total), (stride_lh, 1), torch.float32)
+    for t in (q, k, v, dout):
+        t.copy_(torch.randn(t.shape).to(t.dtype).to(DEVICE))
+    for t in (out, lse, dq, dk, dv):
+        t.fill_(float("nan"))  # every element the backend defines must be written
+    ids = _layouts(lens, seed=4)
+    seg = torch.cat([s for s, _ in ids]).to(DEVICE)
+    br = torch.cat([b for _, b in ids]).to(DEVICE)
+    cu = torch.tensor([0, lens[0], total], dtype=torch.int32, device=DEVICE)
+    dlse = torch.randn(hq, total, device=DEVICE)
+    scale = d ** -0.5
+    tba.branch_attention_fwd(q, k, v, seg, br, cu, cu, max(lens), max(lens), scale, out=out, lse=lse)
+    tba.branch_attention_bwd(dout, dlse, q, k, v, out, lse, seg, br, cu, cu, max(lens), max(lens), scale,
+                             dq=dq, dk=dk, dv=dv)
+    _compare_prefill(q, k, v, seg, br, cu, dout, dlse, out, lse, (dq, dk, dv))
+
+
+def test_prefill_head_major_views_beyond_2_31():
+    """q, k, v as head-major views (``[H, T, D]`` storage seen as ``[T, H, D]``, e.g. Hugging Face's
+    ``[1, H, T, D]`` attention inputs transposed): the last heads start past element 2**31 (``h * stride_h``)."""
+    lens, hq, hkv, d = [30, 34], 6, 3, 32
+    total = sum(lens)
+    q = lazy_view((total, hq, d), (d, (1 << 29) + 64, 1), torch.float16)
+    k = lazy_view((total, hkv, d), (d, (1 << 30) + 128, 1), torch.float16)
+    v = lazy_view((total, hkv, d), (d, (1 << 30) + 128, 1), torch.float16)
+    for t in (q, k, v):
+        assert (t.shape[1] - 1) * t.stride(1) >= INT32_LIMIT > t.stride(1)
+    _prefill_case(q, k, v, lens, seed=5)
+
+
+# ---------------------------------------------------------------- remap_positions
+
+def test_positions_walk_at_the_int32_limit():
+    """``remap_positions`` packs int32 ``cu_seqlens``, so N < 2**31, but the walk's tiles run past a sequence's end:
+    a sequence ending at N = 2**31 - 1 has lanes ``t0 + offs >= 2**31`` that wrap to negative indices, pass the
+    ``t < end`` mask and read and write before the tensors (on a GPU the tile loop itself overflows and spins).
+
+    The walk kernel runs on one sequence of 131 tokens ending there (``cu = [N - 131, N]``: no other sequence to
+    walk), for every strategy; its outputs are turned into positions here as ``_positions_kernel`` does (that
+    kernel's grid covers all N tokens: too many programs for the interpreter; ``test_positions_final_step_gpu``
+    runs it on a GPU). Fails with the int32 ``start``/``end`` of the kernel before this test."""
+    n, length = INT32_LIMIT - 1, 131
+    start = n - length
+    seg_small, br_small = _layouts([length], seed=6)[0]
+    bufs = {name: lazy((n,), torch.int32) for name in ("seg", "br", "rank", "sec_start", "sec_c0", "sec_w")}
+    bufs["seg"][start:] = seg_small.to(DEVICE)
+    bufs["br"][start:] = br_small.to(DEVICE)
+    cu = torch.tensor([start, n], dtype=torch.int32, device=DEVICE)
+    for strategy, code in rp._STRATEGY_CODE.items():
+        for name in ("rank", "sec_start", "sec_c0", "sec_w"):
+            bufs[name][start:] = -1
+        rp._walk_kernel[(1,)](bufs["seg"], bufs["br"], cu, bufs["rank"], bufs["sec_start"], bufs["sec_c0"],
+                              bufs["sec_w"], n, 0, STRATEGY=code, BLOCK=rp._BLOCK, MAX_BRANCHES=rp.MAX_BRANCHES)
+        rank = bufs["rank"][start:].long().cpu()
+        if code == 3:
+            got = rank
+        else:
+            sec = bufs["sec_start"][start:].long().cpu()
+            assert ((sec >= start) & (sec < n)).all(), f"{strategy}: section starts outside the sequence"
+            c0 = bufs["sec_c0"][sec.to(DEVICE)].long().cpu()
+            w = bufs["sec_w"][sec.to(DEVICE)].long().cpu()
+            got = c0 + rank + (torch.where(br_small > 0, (br_small - 1) * w, 0) if code == 2 else 0)
+        want = R.remap_positions(seg_small, br_small, strategy)
+        assert torch.equal(got.to(torch.int32), want), strategy
+        for name in ("rank", "sec_start", "sec_c0", "sec_w"):
+            assert not guard_written(bufs[name]), f"{strategy}: {name} written at a wrapped (negative) index"

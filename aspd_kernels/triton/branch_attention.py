@@ -97,7 +97,7 @@ def _fwd_kernel(Q, K, V, SEG, BR, CU_Q, CU_K, LISTS, COUNTS, OUT, LSE, STATS,
     """One (query tile, sequence, query head): the listed full key tiles, then the listed masked ones."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(2).to(tl.int64)  # h * stride_h passes 2**31 in a head-major view of > 2**31 elements
     q_start, len_q, k_start, len_k = seq_bounds(CU_Q, CU_K, b, total_q, total_k, max_seqlen_q, max_seqlen_k)
     if pid_m * BLOCK_M >= len_q:
         return
@@ -145,8 +145,10 @@ def _bwd_preprocess_kernel(OUT, DOUT, DLSE, DELTA, stride_ot, stride_oh, stride_
                            HAS_DLSE: tl.constexpr):
     """``DELTA[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t]`` (float32): d(loss)/d(score) = P * (dP - delta),
     where the dlse term comes from d lse / d score = P."""
-    h = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1).to(tl.int64)
+    # int64 rows: rows * stride_t passes 2**31 once out holds more than 2**31 elements (about 512k tokens at
+    # Hq * D = 4096), and the last tile's padding rows must not wrap around to negative (in-bounds) indices
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = rows < total_q
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
@@ -211,7 +213,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, LISTS, COUN
     """One (key tile, sequence, KV head): the listed full query tiles, then the listed masked ones."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
-    hk = tl.program_id(2)
+    hk = tl.program_id(2).to(tl.int64)
     q_start, len_q, k_start, len_k = seq_bounds(CU_Q, CU_K, b, total_q, total_k, max_seqlen_q, max_seqlen_k)
     if pid_n * BLOCK_N >= len_k:
         return
@@ -282,7 +284,7 @@ def _bwd_dq_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, LISTS, COUNTS
     """One (query tile, sequence, query head): the listed full key tiles, then the listed masked ones."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(2).to(tl.int64)
     q_start, len_q, k_start, len_k = seq_bounds(CU_Q, CU_K, b, total_q, total_k, max_seqlen_q, max_seqlen_k)
     if pid_m * BLOCK_M >= len_q:
         return

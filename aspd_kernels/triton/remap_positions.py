@@ -34,13 +34,17 @@ def _walk_kernel(
     STRATEGY: tl.constexpr, BLOCK: tl.constexpr, MAX_BRANCHES: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    start = tl.minimum(tl.maximum(tl.load(CU + seq), 0), N)
-    end = tl.minimum(tl.maximum(tl.load(CU + seq + 1), start), N)
+    # int64 token indices: a tile's lanes run up to BLOCK - 1 past the sequence's end, which wraps around (to
+    # negative indices that pass ``t < end``; on a GPU the tile loop's counter too) when N is close to 2**31.
+    # The loops count from 0 and add the int64 start: the interpreter hands a loop counter over as a Python int,
+    # which Triton then types as int32 when it fits.
+    start = tl.minimum(tl.maximum(tl.load(CU + seq).to(tl.int64), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(CU + seq + 1).to(tl.int64), start), N)
     offs = tl.arange(0, BLOCK)
     if STRATEGY == 3:  # sequential: the storage index inside the sequence
-        for t0 in range(start, end, BLOCK):
-            t = t0 + offs
-            tl.store(RANK + t, t - start, mask=t < end)
+        for u0 in range(0, end - start, BLOCK):
+            t = start + u0 + offs
+            tl.store(RANK + t, (t - start).to(tl.int32), mask=t < end)
     else:
         ids = tl.arange(0, MAX_BRANCHES)
         earlier = offs[None, :] < offs[:, None]  # [t, t']: t' before t
@@ -51,8 +55,8 @@ def _walk_kernel(
         top_branch = zero  # its highest branch id so far
         open_start = start  # its first token
         c = zero  # the counter at its start
-        for t0 in range(start, end, BLOCK):
-            t = t0 + offs
+        for u0 in range(0, end - start, BLOCK):
+            t = start + u0 + offs
             ok = t < end
             seg = tl.load(SEG + t, mask=ok, other=0)
             br = tl.load(BR + t, mask=ok, other=0)
@@ -89,9 +93,9 @@ def _walk_kernel(
             advance = tl.where(closes, advance, 0)
             before = tl.cumsum(advance, 0) - advance  # advances of the sections closed before each token
             tl.store(RANK + t, rank, mask=ok)
-            tl.store(SEC_START + t, sec_start, mask=ok)
-            tl.store(SEC_C0 + sec_start, c + before, mask=closes)
-            tl.store(SEC_W + sec_start, w, mask=closes)
+            tl.store(SEC_START + t, sec_start.to(tl.int32), mask=ok)
+            tl.store(SEC_C0 + sec_start, (c + before).to(tl.int32), mask=closes)
+            tl.store(SEC_W + sec_start, w.to(tl.int32), mask=closes)
 
             # carry the section open at the tile's end (if the tile closed it, the next tile opens a new one and
             # never reads the carried values)
@@ -109,7 +113,7 @@ def _walk_kernel(
 
 @triton.jit
 def _positions_kernel(BR, RANK, SEC_START, SEC_C0, SEC_W, OUT, N, FIXED: tl.constexpr, BLOCK: tl.constexpr):
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # the last tile's lanes may pass 2**31
     ok = t < N
     rank = tl.load(RANK + t, mask=ok, other=0)
     sec = tl.minimum(tl.maximum(tl.load(SEC_START + t, mask=ok, other=0), 0), N - 1)

@@ -20,22 +20,25 @@ __global__ void __launch_bounds__(32) remap_positions_kernel(const RemapParams p
   __shared__ int count[kRemapTable];
   const int lane = threadIdx.x;
   const int b = blockIdx.x;
-  const int start = clampi(p.cu_seqlens[b], 0, p.total);
-  const int end = clampi(p.cu_seqlens[b + 1], start, p.total);
+  // Token indices are int64: a chunk's lanes run up to 31 past the sequence's end, and `t += 32` past the last
+  // token, which overflows int (to negative indices that pass `t < end`) when N is close to 2**31.
+  const int64_t start = clampi(p.cu_seqlens[b], 0, p.total);
+  const int64_t end = clampi(p.cu_seqlens[b + 1], static_cast<int>(start), p.total);
   if (p.strategy == Strategy::kSequential) {
-    for (int t = start + lane; t < end; t += 32) p.out[t] = t - start;
+    for (int64_t t = start + lane; t < end; t += 32) p.out[t] = static_cast<int32_t>(t - start);
     return;
   }
   for (int j = lane; j < kRemapTable; j += 32) count[j] = 0;
   __syncwarp();
 
   int64_t c = 0;
-  int sec = start;
+  int64_t sec = start;
   while (sec < end) {
     const int seg0 = p.segment[sec];
-    int lmax = 0, kmax = 0, e = end;
-    for (int base = sec; base < end; base += 32) {
-      const int t = base + lane;
+    int lmax = 0, kmax = 0;
+    int64_t e = end;
+    for (int64_t base = sec; base < end; base += 32) {
+      const int64_t t = base + lane;
       const unsigned same = __ballot_sync(0xffffffffu, t < end && p.segment[t] == seg0);
       const int run = ~same == 0u ? 32 : __ffs(~same) - 1;  // the section's tokens in this chunk: lanes < run
       const bool in = lane < run;
@@ -47,7 +50,7 @@ __global__ void __launch_bounds__(32) remap_positions_kernel(const RemapParams p
         if (br >= 0 && br < kRemapTable) {
           prior = count[br];
         } else {
-          for (int u = sec; u < base; ++u) prior += p.branch[u] == br;
+          for (int64_t u = sec; u < base; ++u) prior += p.branch[u] == br;
         }
         const int rank = prior + before;
         p.out[t] = rank;
@@ -70,7 +73,7 @@ __global__ void __launch_bounds__(32) remap_positions_kernel(const RemapParams p
     }
     const bool parallel = kmax > 0;
     const int64_t width = p.width > 0 ? p.width : lmax;
-    for (int t = sec + lane; t < e; t += 32) {
+    for (int64_t t = sec + lane; t < e; t += 32) {
       const int br = p.branch[t];
       int64_t pos;
       if (!parallel) {

@@ -460,3 +460,33 @@ def test_opcheck_and_compile_with_cuda_backend():
                                              check_values=False, backend="cuda")
 
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(q), step(q), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- offsets past 2**31 elements
+
+import large_buffers as lb  # noqa: E402
+
+# The large-offset scenarios of test_large_offsets.py on the CUDA kernels: caches, q/k/v views and outputs whose
+# rows or heads lie past element 2**31, compared with the float64 reference on small copies. Real GPU memory: up to
+# ~30 GiB for a scenario (each buffer has a 2**31-element guard in front, where a wrapped offset would land), and
+# 24 GiB for the positions at N = 2**31 - 1; each test frees its buffers.
+LARGE_SCENARIOS = [lb.decode_contiguous_cache, lb.decode_paged_cache, lb.decode_query_rows,
+                   lb.decode_head_major_views, lb.decode_output_rows, lb.rope_contiguous_cache, lb.rope_paged_cache,
+                   lb.positions_at_int32_limit]
+
+
+@pytest.fixture
+def free_gpu_after():
+    yield
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("scenario", LARGE_SCENARIOS, ids=lambda f: f.__name__)
+def test_offsets_beyond_2_31(scenario, free_gpu_after):
+    scenario("cuda", DEV)
+
+
+@pytest.mark.parametrize("layout", ["head-major", "batch-major"])
+def test_rope_input_views_beyond_2_31(layout, free_gpu_after):
+    lb.rope_input_views(layout, "cuda", DEV)

@@ -213,3 +213,16 @@ def test_baselines_compute_the_branch_mask(storage):
     for name in ("sdpa_dense", "flex"):
         torch.testing.assert_close(got[name][0].transpose(0, 1)[None], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["separate_sequences"][:, :, 0][None], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_floors_count_causal_pairs_for_one_branch():
+    """bench.floors: with K = 1 the layout is plain causal (N(N+1)/2 visible pairs); more branches hide pairs;
+    a decode step moves the whole cache (memory-bound) while a long prefill is compute-bound."""
+    from bench.floors import floors
+
+    rows = floors(4300.0, 780.0)
+    prefill = {r["K"]: r for r in rows if r["op"] == "branch_attention" and r["N"] == 32768}
+    assert prefill[1]["pairs"] == 32768 * 32769 // 2
+    assert prefill[64]["pairs"] < prefill[16]["pairs"] < prefill[1]["pairs"]
+    assert all(r["flop_us"] > r["bytes_us"] for r in rows if r["op"] == "branch_attention")
+    assert all(r["bytes_us"] > r["flop_us"] for r in rows if r["op"] == "branch_attention_with_kvcache")

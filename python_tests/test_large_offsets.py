@@ -24,6 +24,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import gc  # noqa: E402
 import importlib  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -219,6 +222,55 @@ def test_positions_walk_at_the_int32_limit():
         assert torch.equal(got.to(torch.int32), want), strategy
         for name in ("rank", "sec_start", "sec_c0", "sec_w"):
             assert not guard_written(bufs[name]), f"{strategy}: {name} written at a wrapped (negative) index"
+
+
+_STORE_OFFSETS = r"""
+import importlib, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+
+rp = importlib.import_module("aspd_kernels.triton.remap_positions")
+ptrs = {name: "*i32" for name in ("BR", "RANK", "SEC_START", "SEC_C0", "SEC_W", "OUT")}
+cases = [(rp._positions_kernel, {**ptrs, "N": "i32"}, dict(FIXED=fixed, BLOCK=1024)) for fixed in (False, True)]
+walk = {name: "*i32" for name in ("SEG", "BR", "CU", "RANK", "SEC_START", "SEC_C0", "SEC_W")}
+cases.append((rp._walk_kernel, {**walk, "N": "i32", "width": "i32"},
+              dict(STRATEGY=3, BLOCK=rp._BLOCK, MAX_BRANCHES=rp.MAX_BRANCHES)))
+target = GPUTarget("cuda", 90, 32)
+options = make_backend(target).parse_options({"num_warps": 4})
+result = []
+for kernel, signature, constexprs in cases:
+    src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs=constexprs)
+    ttir = triton.compile(src, target=target, options=options.__dict__).asm["ttir"]
+    addptr = {m[1]: (m[2], m[3])
+              for m in re.finditer(r"(%[\w.#]+) = tt\.addptr (%[\w.#]+), %[\w.#]+ : .+?, (\S+) loc", ttir)}
+    chains = []
+    for store in re.finditer(r"tt\.store (%[\w.#]+),", ttir):
+        ptr, types = store[1], []
+        while ptr in addptr:  # the tt.addptr chain that forms the stored-to pointer
+            ptr, offset_type = addptr[ptr]
+            types.append(offset_type)
+        chains.append(types)
+    result.append([kernel.__name__, constexprs, chains])
+json.dump(result, sys.stdout)
+"""
+
+
+def test_positions_kernels_store_through_int64_offsets():
+    """``_positions_kernel`` indexes the tokens of its tile by ``pid * BLOCK + lane``: its last tile passes 2**31
+    when N is within a tile of it, and the interpreter cannot run the 2**21 programs that get there. So this looks
+    at the compiled code instead (TTIR for sm_90, no GPU needed; in a fresh process, as this one interprets the
+    kernels): every store of the positions kernels, and of the walk in its sequential form, must address through
+    int64 offsets. Fails on the kernels before this test (int32 ``t``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _STORE_OFFSETS], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, constexprs, chains in json.loads(run.stdout):
+        assert chains, f"{name}: no store found in the TTIR: the parser is out of date"
+        for types in chains:
+            assert types and all(t.endswith("i64>") or t == "i64" for t in types), (name, constexprs, types)
 
 
 @gpu_only

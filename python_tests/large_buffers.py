@@ -33,7 +33,17 @@ def lazy_view(shape, strides, dtype, device, guard: bool = True) -> torch.Tensor
     except (RuntimeError, MemoryError) as exc:  # the allocation (torch.OutOfMemoryError is a RuntimeError)
         gib = size * torch.empty((), dtype=dtype).element_size() / 2 ** 30
         pytest.skip(f"cannot allocate {gib:.1f} GiB for a large-offset buffer: {exc}")
+    if guard and buf.is_cuda:  # device memory comes uninitialised; the guard must read as zeros (guard_written)
+        buf[:GUARD].zero_()
     return buf.as_strided(shape, strides, GUARD if guard else 0)
+
+
+def need_device_memory(gib: float, device) -> None:
+    """Skips (with the reason) when a GPU has less than ``gib`` GiB free for a scenario's real allocations."""
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0] / 2 ** 30
+        if free < gib:
+            pytest.skip(f"needs {gib:.0f} GiB of free GPU memory, {free:.1f} GiB free")
 
 
 def lazy(shape, dtype, device, guard: bool = True) -> torch.Tensor:
@@ -176,6 +186,7 @@ def decode_output_rows(backend, device):
     one KV head, D = 128: 4 GiB each in fp16; the CUDA op takes at most 65535 sequences): the last sequences'
     rows lie past element 2**31. GPU only (2**18 programs); checks the first and the last sequences."""
     bsz, lq, cap, hq, d = (1 << 14) + 3, 16, 32, 64, 128
+    need_device_memory(10, device)
     q = torch.randn(bsz, lq, hq, d, dtype=torch.float16, device=device)
     assert q.numel() > INT32_LIMIT
     k_cache = torch.randn(bsz, cap, 1, d, dtype=torch.float16, device=device)
@@ -293,6 +304,7 @@ def positions_at_int32_limit(backend, device):
     65535 tokens, then a random branch layout of the remaining tokens, ending at the int32 limit, where the last
     tiles' lanes pass 2**31. Real memory: 3 x 8 GiB of int32 (plus the backend's scratch). GPU only."""
     n = INT32_LIMIT - 1
+    need_device_memory(52 if backend == "triton" else 28, device)  # + the triton walk's 3 x 8 GiB scratch
     seqs, per = 1 << 15, (1 << 16) - 1
     tail = n - seqs * per
     seg_tail, br_tail = exact_layouts([tail], seed=7)[0]

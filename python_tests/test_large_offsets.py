@@ -14,9 +14,14 @@ than 2**31 elements, and a head index times the head stride of a view (a head-ma
 ``[B, N, H, D]``, Hugging Face's layout), where each stride alone fits in int32. The public ops copy only when the
 last dimension is not contiguous (``_checks.last_dim_contiguous``), so such views reach the kernels as they are.
 
-On a GPU (TRITON_INTERPRET=0) the same tests run compiled, on real memory (up to ~50 GiB for the positions test),
-with two more that the interpreter cannot afford (one program per sequence of 2**18 sequences, or per 1024 tokens
-of 2**31). Head sizes 32, few heads and tokens: each interpreted test launches a handful of programs.
+One thing the interpreter does not reproduce: a ``range`` loop counter reaches the kernel as a Python int, which
+Triton types as int32 when it fits, where compiled code gives the counter the type of its bounds; a kernel written
+``start + u0 + lane`` (int64 ``start``) is right under both.
+
+On a GPU (TRITON_INTERPRET=0) the same tests run compiled, on real memory (a test whose buffers do not fit skips
+with the reason: the prefill ones need ~110 GiB with their guards, the positions one ~50 GiB), with two more that
+the interpreter cannot afford (2**18 programs, or one per 1024 of 2**31 tokens). Head sizes 32, few heads and
+tokens: each interpreted test launches a handful of programs.
 """
 import os
 
@@ -188,6 +193,8 @@ def test_prefill_head_major_views_beyond_2_31():
 
 # ---------------------------------------------------------------- remap_positions
 
+@pytest.mark.skipif(not INTERPRET, reason="interpreter only: 96 GiB of guarded buffers on a GPU, where "
+                    "test_positions_at_the_int32_limit_gpu runs both kernels through the public op instead")
 def test_positions_walk_at_the_int32_limit():
     """``remap_positions`` packs int32 ``cu_seqlens``, so N < 2**31, but the walk's tiles run past a sequence's end:
     a sequence ending at N = 2**31 - 1 has lanes ``t0 + offs >= 2**31`` that wrap to negative indices, pass the

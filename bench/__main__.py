@@ -5,6 +5,7 @@ grid on a GPU) and writes ``<out>/<date>-<device>[-<tag>].jsonl``, ``.md`` and `
     python -m bench --quick                           # a few cases per op (GPU smoke run)
     python -m bench --ops branch_attention_with_kvcache,e2e --out /tmp/res --tag decode
     python -m bench --ops e2e --models llama-3-8b
+    python -m bench --ops branch_attention_with_kvcache --cases "N=32768 K=16 interleaved H=32/8 D=128"
 
 Exit status 1 when any implementation failed (an ``error`` row); skipped implementations (not available here,
 over a memory cap) are listed with their reason and do not fail the run.
@@ -48,6 +49,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default="", help="e2e models, comma-separated (default: all GPU models)")
+    ap.add_argument("--cases", default="",
+                    help="run only the cases whose key contains one of these ';'-separated strings "
+                         "(keys look like 'N=32768 K=16 interleaved H=32/8 D=128'; e2e keys are model names)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds of timed reps per implementation and case (default 0.4 GPU, 0.25 CPU)")
     ap.add_argument("--time-limit", type=float, default=0,
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         sys.exit(f"unknown op(s) {unknown}; choose from {list(OPS)}")
     ctx = make_context(args)
+    wanted = [w.strip() for w in args.cases.split(";") if w.strip()]
     os.makedirs(args.out, exist_ok=True)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     prefix = os.path.join(args.out, f"{date}-{device_slug(ctx.device)}" + (f"-{args.tag}" if args.tag else ""))
@@ -135,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                 case_list = mod.cases(ctx, models)
             else:
                 case_list = mod.cases(ctx)
+            if wanted:
+                case_list = [c for c in case_list if any(w in c.key() for w in wanted)]
+                if not case_list:
+                    print(f"note: no {op} case matches --cases {args.cases!r}", file=sys.stderr)
             for case in tqdm(case_list, desc=op, file=sys.stderr, dynamic_ncols=True):
                 if (op, case.key()) in done:
                     new = done[(op, case.key())]

@@ -14,6 +14,8 @@
 #   e2e-1b | e2e-8b | e2e-qwen   python -m bench --ops e2e --models <one model>
 #   train         python -m bench.bench_hf_training: a transformers training step (forward + backward) with
 #                 attn_implementation="aspd" against eager/SDPA with the dense mask and FlexAttention (issue 7)
+#   key           issue 6's quoted ratios first, in one short stage: decode and prefill at N=32k, K=16 (every
+#                 backend and baseline), then the end-to-end Llama-3-8B sweep (K=8 among it)
 #   quick         python -m bench --quick (every op, a few cases): a smoke run
 #   report        merge every results/*.jsonl of this folder into one .md + .png
 #   first         build + test (about the first 10 minutes)
@@ -127,6 +129,9 @@ for stage in "$@"; do
     train) build; log "train: python -m bench.bench_hf_training"
            timeout "$TIME_LIMIT" "$PY" -m bench.bench_hf_training --out "$RES/train.jsonl" 2>&1 | tee "$RES/train.log" \
              || { status=1; log "train: failed"; } ;;
+    key) build
+         bench key-attention --ops branch_attention_with_kvcache,branch_attention --cases "N=32768 K=16 interleaved H=32/8 D=128"
+         bench key-e2e --ops e2e --models llama-3-8b ;;
     quick) build; bench quick --quick ;;
     report) "$PY" -m bench.report "$RES"/*.jsonl --out "$RES/report" | tail -80 ;;
     *) echo "unknown stage $stage"; sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;;

@@ -149,6 +149,18 @@ def test_report_on_a_mask_cap_skip(tmp_path, monkeypatch):
     assert "Skipped and failed" in report.markdown(rows)
 
 
+def test_cases_filter_runs_only_matching_cases(tmp_path, monkeypatch):
+    """--cases keeps the cases whose key contains one of the ';'-separated strings (the GPU suite's 'key' stage)."""
+    monkeypatch.setattr(bench_remap_positions, "cases",
+                        lambda ctx: [bench_remap_positions.PosCase(n, 4, "interleaved", "tokens") for n in (64, 96)])
+    rc = bench_main.main(["--ops", "remap_positions", "--out", str(tmp_path), "--budget-s", "0.01",
+                          "--device", "cpu", "--cases", "N=96 K=4; N=1 K=99"])
+    assert rc == 0
+    rows = report.load([str(p) for p in tmp_path.glob("*.jsonl")])
+    cases = {r["case"] for r in rows if r["op"] == "remap_positions"}
+    assert cases == {"N=96 K=4 interleaved"}
+
+
 def test_e2e_tiny_model_or_clear_error():
     """With the decoder: a real tiny run whose parallel decoding needs fewer forward passes than serial decoding.
     Without it: an error row naming the missing decoder (never a number)."""

@@ -41,6 +41,22 @@ def load_error() -> str | None:
     return _error
 
 
+def decode_on_tensor_cores(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether ``cuda_decode_attention`` would run its tensor-core kernel for these inputs (csrc's
+    ``decode_uses_mma``): fp16/bf16, head size 64 or 128, and k/v rows that allow 16-byte copies (base pointer and
+    every outer stride; q is copied when it does not). Anything else runs the generic warp-per-row kernel, which
+    re-reads the cache for every query row and has no split-KV: correct, and slow."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        return False
+    if torch.compiler.is_compiling():  # traced tensors have no address: assume the usual aligned cache
+        return True
+    for t in (k_cache, v_cache):
+        elems = 16 // t.element_size()
+        if t.data_ptr() % 16 or any(st % elems for st in t.stride()[:-1]):
+            return False
+    return True
+
+
 def branch_attention_with_kvcache(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, segment: Tensor, branch: Tensor,
     q_seqlens: Tensor, block_table: Tensor | None, softmax_scale: float, num_splits: int = 0,

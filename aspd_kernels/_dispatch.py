@@ -55,19 +55,21 @@ def has_backend(name: str, op: str) -> bool:
     return module is not None and hasattr(module, op)
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
+def resolve(op: str, device: torch.device, backend: str | None = None, avoid: frozenset[str] = frozenset()) -> str:
     """Name of the backend that runs ``op`` on tensors of ``device``.
 
     ``backend`` (argument) wins over ``ASPD_BACKEND`` (environment), which wins over ``"auto"``. ``auto`` picks
-    cuda, then triton, for CUDA tensors and torch for CPU tensors. Raises ``ValueError`` when a forced backend
-    cannot run here, rather than falling back silently.
+    cuda, then triton, for CUDA tensors and torch for CPU tensors, passing over the backends in ``avoid`` (the
+    caller's knowledge that, for these inputs, a backend would only run a slow fallback) while another can run.
+    Raises ``ValueError`` when a forced backend cannot run here, rather than falling back silently; ``avoid``
+    never overrides a forced backend.
     """
     requested = backend or os.environ.get("ASPD_BACKEND") or "auto"
     if requested == "auto":
         if device.type == "cuda":
-            for name in ("cuda", "triton"):
-                if has_backend(name, op):
-                    return name
+            usable = [name for name in ("cuda", "triton") if has_backend(name, op)]
+            if usable:
+                return next((name for name in usable if name not in avoid), usable[0])
         return "torch"
     if requested not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}")

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as chk
+from . import _cuda
 from ._dispatch import implementation, resolve
 
 
@@ -123,7 +124,11 @@ def branch_attention_with_kvcache(
     chk.same_dtype("v_cache", v_cache, q)
     q_seqlens = check_cache(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table,
                             check_values=check_values)
-    name = resolve("branch_attention_with_kvcache", q.device, backend)
+    # auto: the CUDA extension only for what its tensor-core kernel covers; its generic kernel stays for float64
+    # (Triton computes in float32 at most) and for an explicit backend="cuda"
+    slow_cuda = q.dtype != torch.float64 and not _cuda.decode_on_tensor_cores(q, k_cache, v_cache)
+    name = resolve("branch_attention_with_kvcache", q.device, backend,
+                   avoid=frozenset({"cuda"}) if slow_cuda else frozenset())
     chk.head_dim("q", q.shape[-1], name)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _branch_attention_with_kvcache(

@@ -347,6 +347,27 @@ def test_auto_picks_cuda():
     assert _dispatch.resolve("remap_positions", torch.device(DEV)) == "cuda"
 
 
+@pytest.mark.parametrize("dtype, d, expect", [
+    (torch.bfloat16, 128, "cuda"),    # the tensor-core kernel
+    (torch.float16, 96, "triton"),    # the extension would run its generic kernel: auto passes it over
+    (torch.float32, 64, "triton"),
+    (torch.float64, 64, "cuda"),      # Triton computes in float32 at most: the generic kernel keeps float64
+])
+def test_auto_keeps_the_generic_kernel_off_the_default_path(monkeypatch, dtype, d, expect):
+    import aspd_kernels.branch_attention_with_kvcache as op_module
+
+    monkeypatch.delenv("ASPD_BACKEND", raising=False)
+    ran = []
+    real = op_module.implementation
+    monkeypatch.setattr(op_module, "implementation", lambda backend, op: ran.append(backend) or real(backend, op))
+    q = torch.randn(1, 2, 4, d, dtype=dtype, device=DEV)
+    k = torch.randn(1, 32, 2, d, dtype=dtype, device=DEV)
+    ids = torch.zeros(1, 32, dtype=torch.int32, device=DEV)
+    lens = torch.tensor([20], dtype=torch.int32, device=DEV)
+    branch_attention_with_kvcache(q, k, k, lens, ids, ids)
+    assert ran == [expect]
+
+
 def _inv_freq(rot_dim, base=10000.0):
     return 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
 

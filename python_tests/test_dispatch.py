@@ -55,3 +55,39 @@ def test_forced_cuda_says_why_it_cannot_run():
     if not _cuda.available():
         with pytest.raises(ValueError, match="not built"):
             _dispatch.resolve("remap_positions", torch.device("cuda"), "cuda")
+
+
+def test_auto_passes_over_avoided_backends(monkeypatch):
+    """``avoid`` steers auto away from a backend that would only run a slow fallback, never a forced choice."""
+    monkeypatch.delenv("ASPD_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "has_backend", lambda name, op: True)
+    cuda = torch.device("cuda")
+    op = "branch_attention_with_kvcache"
+    assert _dispatch.resolve(op, cuda) == "cuda"
+    assert _dispatch.resolve(op, cuda, avoid=frozenset({"cuda"})) == "triton"
+    assert _dispatch.resolve(op, cuda, avoid=frozenset({"cuda", "triton"})) == "cuda"  # nothing better: keep it
+    assert _dispatch.resolve(op, cuda, "cuda", avoid=frozenset({"cuda"})) == "cuda"
+    monkeypatch.setenv("ASPD_BACKEND", "cuda")
+    assert _dispatch.resolve(op, cuda, avoid=frozenset({"cuda"})) == "cuda"
+
+
+@pytest.mark.parametrize("dtype, d, view, expect", [
+    (torch.bfloat16, 128, "contiguous", True),
+    (torch.float16, 64, "contiguous", True),
+    (torch.bfloat16, 96, "contiguous", False),   # head size the mma kernel does not cover
+    (torch.float32, 128, "contiguous", False),
+    (torch.float64, 64, "contiguous", False),
+    (torch.bfloat16, 128, "offset", False),      # rows start 2 bytes past a 16-byte boundary
+    (torch.bfloat16, 64, "odd-stride", False),   # a slot stride of 65 elements
+])
+def test_decode_on_tensor_cores_mirrors_the_extension(dtype, d, view, expect):
+    """``_cuda.decode_on_tensor_cores`` is csrc's ``decode_uses_mma`` condition, which auto uses to keep the
+    CUDA extension's generic kernel (re-reads the cache per row, no split-KV) off the default path."""
+    q = torch.empty(1, 2, 8, d, dtype=dtype)
+    if view == "contiguous":
+        k = torch.empty(1, 32, 2, d, dtype=dtype)
+    elif view == "offset":
+        k = torch.empty(1 * 32 * 2 * d + 1, dtype=dtype)[1:].view(1, 32, 2, d)
+    else:
+        k = torch.empty(1, 32, 2, d + 1, dtype=dtype)[..., :d]
+    assert _cuda.decode_on_tensor_cores(q, k, k) is expect

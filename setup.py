@@ -17,6 +17,12 @@ def cuda_extension():
     """The extension, or None with a one-line reason."""
     if os.environ.get("ASPD_SKIP_CUDA") == "1":
         return None, "ASPD_SKIP_CUDA=1"
+    sys.path.insert(0, ROOT)
+    from csrc.build_flags import cuda_home  # before cpp_extension reads CUDA_HOME at import
+
+    home = cuda_home()
+    if home:
+        os.environ["CUDA_HOME"] = home
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -26,7 +32,6 @@ def cuda_extension():
         return None, f"torch {torch.__version__} is a CPU build"
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return None, "nvcc not found"
-    sys.path.insert(0, ROOT)
     from csrc.build_flags import NVCC_FLAGS, CXX_FLAGS, SOURCES  # one source list and flag set for both builds
 
     ext = CUDAExtension(

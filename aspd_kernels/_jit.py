@@ -17,9 +17,12 @@ def load_extension(verbose: bool = False) -> None:
     """Compile (cached under torch's extension directory; rebuilt when a source changes) and load the kernels."""
     if not os.path.isfile(os.path.join(CSRC, "build_flags.py")):
         raise ImportError(f"ASPD_JIT=1 needs the source tree: {CSRC} not found")
+    flags = runpy.run_path(os.path.join(CSRC, "build_flags.py"))
+    home = flags["cuda_home"]()
+    if home:  # before cpp_extension reads CUDA_HOME at import
+        os.environ["CUDA_HOME"] = home
     from torch.utils.cpp_extension import load
 
-    flags = runpy.run_path(os.path.join(CSRC, "build_flags.py"))
     load(
         name="aspd_kernels_cuda",
         sources=[os.path.join(CSRC, s) for s in flags["SOURCES"]],

@@ -24,6 +24,37 @@ CXX_STD = "-std=c++20"  # torch 2.11+ headers need C++20 (torch.utils.cpp_extens
 CXX_FLAGS = ["-O3", CXX_STD]
 NVCC_FLAGS = ["-O3", CXX_STD, "-lineinfo", "--expt-relaxed-constexpr", *GENCODE]
 
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit root for torch.utils.cpp_extension, when CUDA_HOME/CUDA_PATH are unset and torch's own
+    guess would be wrong. torch takes the parent of the ``nvcc`` found on PATH; a wrapper script such as
+    ``/usr/local/bin/nvcc -> exec /usr/local/cuda-13.0/bin/nvcc`` makes that ``/usr/local``, which has no CUDA
+    headers. nvcc itself knows its root: ``--dryrun`` prints it as ``TOP``. None: leave torch's guess alone."""
+    import shutil
+    import subprocess
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.isfile(os.path.join(guess, "include", "cuda_runtime.h")):
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line[len("#$ TOP="):].strip())
+            if os.path.isfile(os.path.join(top, "include", "cuda_runtime.h")):
+                return top
+    return None
+
+
 if __name__ == "__main__" and "--cmake" in sys.argv:
     # CMake reads one flag per line
     print("\n".join(NVCC_FLAGS))

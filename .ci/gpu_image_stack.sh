@@ -12,11 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-/tmp/aspd-gpu-stack}
-CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
-# a bare /usr/local/bin/nvcc hides the toolkit's include dir: look for the real one
-[[ -f "$CUDA_HOME/include/cuda_runtime.h" ]] || CUDA_HOME=$(ls -d /usr/local/cuda-* 2>/dev/null | sort -V | tail -1)
-export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH" MAX_JOBS=${MAX_JOBS:-2}
-echo "CUDA_HOME=$CUDA_HOME"
+# setup.py finds the toolkit itself (build_flags.cuda_home); CMake wants the real nvcc first on PATH
+home=${CUDA_HOME:-$(python3 -c "import sys; sys.path.insert(0, 'csrc'); from build_flags import cuda_home; print(cuda_home() or '')")}
+[[ -n "$home" ]] && export PATH="$home/bin:$PATH"
+export MAX_JOBS=${MAX_JOBS:-2}
+echo "nvcc: $(command -v nvcc)"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   python3 -m venv "$VENV"

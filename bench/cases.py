@@ -115,8 +115,8 @@ def attention_cases(grid: str, cuda: bool) -> list[AttnCase]:
     """The grid: sweeps around a base case rather than the full Cartesian product (which would not fit a
     10-minute command once FlexAttention recompiles for every shape).
 
-    full (GPU):  tokens 1k..128k interleaved (and contiguous at 4k, 32k) at K=16, Hq/Hkv 32/8, D=128;
-                 K in {1, 4, 64} at 32k; Hq/Hkv/D 8/8/128 and 32/8/64 at 32k, K=16 (13 cases, one
+    full (GPU):  tokens 1k..128k interleaved (8k: the key prefill case; contiguous too at 4k, 32k) at K=16,
+                 Hq/Hkv 32/8, D=128; K in {1, 4, 64} at 32k; Hq/Hkv/D 8/8/128 and 32/8/64 at 32k, K=16 (14 cases, one
                  FlexAttention compile each: the stage fits a 10-minute command).
     quick (GPU): tokens {4k, 32k}, K {4, 16}, interleaved, 32/8, D=128.
     cpu:         tokens {256, 768} x both storages at K=4, K {1, 16} at 512, heads 8/8 and 8/2 at D=64.
@@ -124,7 +124,7 @@ def attention_cases(grid: str, cuda: bool) -> list[AttnCase]:
     out: list[AttnCase] = []
     if grid == "full":
         base = dict(hq=32, hkv=8, d=128)
-        for n in (1024, 4096, 16384, 32768, 65536, 131072):
+        for n in (1024, 4096, 8192, 16384, 32768, 65536, 131072):
             out.append(AttnCase(n, 16, "interleaved", sweep="tokens", **base))
             if n in (4096, 32768):
                 out.append(AttnCase(n, 16, "contiguous", sweep="tokens", **base))

@@ -44,6 +44,10 @@ class Context:
 
 
 def git_commit() -> str | None:
+    """HEAD (with "-dirty" for uncommitted tracked changes), or ``ASPD_COMMIT`` where the tree is a copy without
+    ``.git`` (the lent GPU machines get the working tree, not the repository)."""
+    if os.environ.get("ASPD_COMMIT"):
+        return os.environ["ASPD_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)

@@ -5,7 +5,7 @@ the same pytest process do not look at it), or on a GPU when the variable is set
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET: conftest.py sets it to 1 only where there is no GPU; on a GPU the kernels run compiled.
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

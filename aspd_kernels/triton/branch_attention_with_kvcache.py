@@ -43,7 +43,7 @@ def _decode_kernel(
     stride_ls, stride_lb, stride_li,
     Lq, capacity, block_size, num_blocks, row_tiles, num_splits,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGED: tl.constexpr, SPLIT: tl.constexpr, CAST_F32: tl.constexpr,
+    PAGED: tl.constexpr, SPLIT: tl.constexpr, CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -111,7 +111,7 @@ def _decode_kernel(
         if CAST_F32:
             k = k.to(tl.float32)
 
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = (live[:, None] & k_ok[None, :] & (slot[None, :] <= q_slot[:, None])
                    & ((k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None])))
         s = tl.where(visible, s, float("-inf"))
@@ -124,9 +124,9 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_row[:, None] + hk64 * stride_vh + d[None, :], mask=kv_mask, other=0.0)
         if CAST_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -186,6 +186,11 @@ def _cast_to_f32(dtype: torch.dtype) -> bool:
     """Multiply in float32 under the interpreter (it mishandles 16-bit arithmetic) and for float32 inputs;
     on a GPU, 16-bit tiles go to the tensor cores as they are, with float32 accumulation."""
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _block_d(head_dim: int) -> int:
+    """The head dimension padded to a power of two, at least 16: the K extent of a ``tl.dot``."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 @functools.cache
@@ -250,8 +255,10 @@ def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, b
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         lq, capacity, k_cache.shape[1], k_cache.shape[0], row_tiles, splits,
-        G=g, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGED=paged, SPLIT=splits > 1, CAST_F32=_cast_to_f32(q.dtype), num_warps=warps,
+        G=g, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGED=paged, SPLIT=splits > 1, CAST_F32=_cast_to_f32(q.dtype),
+        # fp32 inputs must not be rounded to TF32 (the compiled default for a float32 tl.dot)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
     )
     if splits > 1:
         block_r = _MERGE_ROWS if d <= 128 else _MERGE_ROWS // 2
@@ -261,7 +268,7 @@ def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, b
             lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             lq, hq, capacity, splits,
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r,
+            HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_R=block_r,
         )
     return out
 
@@ -285,7 +292,8 @@ def _aot_specs() -> list[dict]:
                 specs.append(dict(
                     name=f"decode_{dtype}_d{d}{'_paged_split' if paged else ''}", fn=_decode_kernel, signature=sig,
                     num_warps=warps, constexprs=dict(G=4, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                     PAGED=paged, SPLIT=split, CAST_F32=False),
+                                                     PAGED=paged, SPLIT=split, CAST_F32=False,
+                                                     DOT_PRECISION="tf32"),
                 ))
             sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dtype}", "CACHE_SEQLENS": "*i32",
                    "Q_SEQLENS": "*i32", **{name: "i32" for name in merge_ints}}

@@ -1,0 +1,122 @@
+"""The decode kernels' split-KV count, measured: every backend at every split count on the key decode cases, beside
+the heuristic's choice, and the L2-flush method's effect on the timing.
+
+    python -m bench.decode_probe [--n 32768] [--ks 1,4,16,64] [--splits 8,16,32,64,128] [--out probe.jsonl]
+
+Each timing is the median of CUDA-graph replays (one decoding step: kernel plus merge) with L2 emptied before
+every replay by *reading* a buffer four times L2 (a write-flush leaves dirty lines whose write-back the timed kernel
+then pays, which a real decoding step does not). Every output is checked against the torch backend first.
+GPU only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+from aspd_kernels import _cuda
+from aspd_kernels import branch_attention_with_kvcache as public_op
+from aspd_kernels.triton import branch_attention_with_kvcache as tk
+
+from .cases import build_layout
+from .timing import l2_bytes
+
+
+def _time(fn, flush: str, reps: int = 40) -> float:
+    """Median ms of graph replays of ``fn``; ``flush`` in ("read", "write", "none")."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        fn()
+    buf = torch.ones(max(4 * l2_bytes(torch.device("cuda")), 256 << 20) // 4, dtype=torch.float32, device="cuda")
+    sink = torch.empty((), dtype=torch.float32, device="cuda")
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in ev:
+        if flush == "read":
+            torch.amax(buf, dim=0, out=sink)
+        elif flush == "write":
+            buf.zero_()
+        a.record()
+        graph.replay()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev)
+
+
+def _read_bandwidth() -> float:
+    """GB/s of a 1 GiB read-only reduction (decoding reads and barely writes)."""
+    x = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")
+    sink = torch.empty((), dtype=torch.bfloat16, device="cuda")
+    ms = _time(lambda: torch.amax(x, dim=0, out=sink), "none", reps=20)
+    return x.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.decode_probe", description=__doc__)
+    ap.add_argument("--n", type=int, default=32768)
+    ap.add_argument("--ks", default="1,4,16,64")
+    ap.add_argument("--splits", default="4,8,16,24,32,48,64,96,128")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("decode_probe: needs a CUDA GPU")
+    dev, dt, hq, hkv, d, n = torch.device("cuda"), torch.bfloat16, 32, 8, 128, args.n
+    read_bw = _read_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: read-only bandwidth {read_bw:.0f} GB/s (1 GiB bf16 amax)")
+    rows = []
+    for k in (int(x) for x in args.ks.split(",")):
+        seg, br, _ = build_layout(n, k, "interleaved", decode=True)
+        seg, br = seg.to(dev)[None], br.to(dev)[None]
+        kc = torch.randn(1, n, hkv, d, device=dev, dtype=dt)
+        vc = torch.randn(1, n, hkv, d, device=dev, dtype=dt)
+        q = torch.randn(1, k, hq, d, device=dev, dtype=dt)
+        lens = torch.tensor([n], dtype=torch.int32, device=dev)
+        qlens = torch.tensor([k], dtype=torch.int32, device=dev)
+        scale = d ** -0.5
+        nbytes = 2 * n * hkv * d * 2 + 8 * n + 2 * 2 * k * hq * d
+        want = public_op(q, kc, vc, lens, seg, br, backend="torch").float()
+        impls = {
+            "cuda": lambda s: _cuda.branch_attention_with_kvcache(q, kc, vc, lens, seg, br, qlens, None, scale, s),
+            "triton": lambda s: tk.branch_attention_with_kvcache(q, kc, vc, lens, seg, br, qlens, None, scale,
+                                                                 num_splits=s or None),
+        }
+        for name, fn in impls.items():
+            for s in [0] + [int(x) for x in args.splits.split(",")]:
+                out = fn(s)
+                err = ((out.float() - want).norm() / want.norm()).item()
+                flushes = ("read", "write", "none") if s == 0 else ("read",)
+                for fl in flushes:
+                    ms = _time(lambda: fn(s), fl)
+                    r = dict(K=k, backend=name, splits=s or "auto", flush=fl, ms=ms, gbps=nbytes / ms / 1e6,
+                             frac_read_bw=nbytes / ms / 1e6 / read_bw, rel_err=err, n=n)
+                    rows.append(r)
+                    print(f"K={k:3d} {name:6s} splits={str(r['splits']):>4s} flush={fl:5s} {ms * 1e3:8.1f} us "
+                          f"{r['gbps']:6.0f} GB/s {100 * r['frac_read_bw']:5.1f}% of read  err {err:.1e}")
+        del kc, vc
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps({"read_gbps": read_bw, "device": torch.cuda.get_device_name()}) + "\n")
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print("\nbest split count per (K, backend), read-flush:")
+    for k in dict.fromkeys(r["K"] for r in rows):
+        for name in ("cuda", "triton"):
+            rs = [r for r in rows if r["K"] == k and r["backend"] == name and r["flush"] == "read"]
+            best, auto = min(rs, key=lambda r: r["ms"]), next(r for r in rs if r["splits"] == "auto")
+            print(f"K={k:3d} {name:6s} auto {auto['ms'] * 1e3:7.1f} us, best splits={best['splits']} "
+                  f"{best['ms'] * 1e3:7.1f} us ({100 * best['frac_read_bw']:.0f}% of read bandwidth)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

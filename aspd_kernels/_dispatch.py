@@ -24,7 +24,6 @@ Backends never import each other.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from types import ModuleType
@@ -39,14 +38,21 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_loaded: dict[str, ModuleType | None] = {}
+
+
 def _load(name: str) -> ModuleType | None:
+    # a plain dict, not functools.cache: torch.compile traces a hit as a dict lookup, while it refuses to trace
+    # into a cached function's body (importlib), which broke fullgraph=True on torch 2.11
+    if name in _loaded:
+        return _loaded[name]
     try:
         module = importlib.import_module(_MODULES[name])
     except ImportError:
-        return None
-    if name == "cuda" and not module.available():
-        return None
+        module = None
+    if module is not None and name == "cuda" and not module.available():
+        module = None
+    _loaded[name] = module
     return module
 
 

@@ -134,7 +134,7 @@ KERNEL_TESTS=(python_tests/test_cuda_kernels.py python_tests/test_triton_branch_
 
 kernel_tests() {  # kernel_tests TAG LIMIT_S: compiled Triton + CUDA against the float64 reference, over the CPUs
   local tag=$1 limit=$2 workers
-  workers=$(( $(nproc) > 4 ? $(nproc) - 3 : 1 ))
+  workers=${WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 3 : 1 ))}
   log "tests-$tag: ${#KERNEL_TESTS[@]} files, xdist -n $workers, limit ${limit}s, TRITON_INTERPRET=$TRITON_INTERPRET"
   # SIGINT at the limit: pytest then still prints which tests failed and why (a KILL would lose the summary)
   timeout -s INT -k 25 "$limit" "$PY" -m pytest "${KERNEL_TESTS[@]}" -n "$workers" -p no:cacheprovider \
@@ -213,6 +213,25 @@ diagnose() {  # the second call of the first lent session: which kernel tests fa
   summary >/dev/null
 }
 
+verify() {  # the third call of the first lent session: the tests that failed or were cut, after the fixes
+  require_gpu
+  build
+  KERNEL_TESTS=(python_tests/test_triton_decode.py python_tests/test_branch_attention.py python_tests/test_capturable.py
+                python_tests/test_triton_branch_attention.py
+                python_tests/test_cuda_kernels.py::test_auto_keeps_the_generic_kernel_off_the_default_path
+                python_tests/test_cuda_kernels.py::test_opcheck_and_compile_with_cuda_backend)
+  kernel_tests verify 130
+  # alone: beside other workers the large buffers do not fit and the tests skip
+  KERNEL_TESTS=(python_tests/test_large_offsets.py); WORKERS=0
+  kernel_tests large-offsets 45
+  log "probe: python -m bench.decode_probe"
+  timeout 50 "$PY" -m bench.decode_probe --ks 16,64,1 --splits 8,16,32,64,128 --out "$RES/decode-probe.jsonl" \
+    >"$RES/decode-probe.log" 2>&1
+  log "probe: exit $?"
+  tail -8 "$RES/decode-probe.log"
+  summary >/dev/null
+}
+
 second() {
   require_gpu
   build
@@ -232,6 +251,7 @@ for stage in "$@"; do
     first) first ;;
     second) second ;;
     diagnose) diagnose ;;
+    verify) verify ;;
     prefill) build; bench prefill --ops branch_attention ;;
     backward) build; bench backward --ops branch_attention_backward ;;
     decode) build; bench decode --ops branch_attention_with_kvcache ;;

@@ -6,6 +6,7 @@ Outputs are poisoned: the allocator's free blocks are filled with NaN before eac
 forgets to write comes back NaN; unused cache slots hold NaN (``make_cache``), so a kernel that reads past
 ``cache_seqlens`` produces NaN.
 """
+import importlib
 import math
 
 import pytest
@@ -354,7 +355,8 @@ def test_auto_picks_cuda():
     (torch.float64, 64, "cuda"),      # Triton computes in float32 at most: the generic kernel keeps float64
 ])
 def test_auto_keeps_the_generic_kernel_off_the_default_path(monkeypatch, dtype, d, expect):
-    import aspd_kernels.branch_attention_with_kvcache as op_module
+    # the package re-exports the op under its module's name: `import a.b as m` would give the function
+    op_module = importlib.import_module("aspd_kernels.branch_attention_with_kvcache")
 
     monkeypatch.delenv("ASPD_BACKEND", raising=False)
     ran = []

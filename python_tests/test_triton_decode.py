@@ -55,7 +55,7 @@ def run(cache: dict, q: torch.Tensor, q_seqlens: torch.Tensor, num_splits=None, 
 
 def new_tokens(lens: torch.Tensor, lq: int) -> torch.Tensor:
     """Ragged counts: the full step, about half of it, and none."""
-    want = torch.tensor([lq, max(lq // 2, 1), 0], dtype=torch.int32)[: lens.numel()]
+    want = torch.tensor([lq, max(lq // 2, 1), 0], dtype=torch.int32, device=lens.device)[: lens.numel()]
     return torch.minimum(want, lens)
 
 

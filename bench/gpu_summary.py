@@ -116,7 +116,7 @@ def _targets(decode: list[dict], prefill: list[dict]) -> list[str]:
 
 def summarize(folder: str) -> str:
     paths = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
-    rows = load(paths) if paths else []
+    rows = [r for r in (load(paths) if paths else []) if "op" in r]  # bench rows only (not decode_probe's)
     lines = ["# GPU run summary", ""]
     env = next((r for r in rows if r.get("device")), {})
     smi = _last_line(os.path.join(folder, "suite.log"), r"(NVIDIA|H100|H200).*MiB")

@@ -125,6 +125,14 @@ def test_default_split_heuristic_depends_on_shapes_only():
     assert kernel.num_splits_for(64, 8, 4, 1 << 16, dev) == 1  # enough programs to fill the device
 
 
+@pytest.mark.parametrize("programs, best", [(8, 16), (16, 8)])
+def test_split_heuristic_picks_the_measured_best(programs, best):
+    """The split counts that ran fastest on an H100 (132 SMs) at N = 32k, Hkv = 8: K = 1 and 16 (one row tile per
+    KV head: 8 programs) and K = 64 (two row tiles: 16 programs); bench/results/*decode-probe*."""
+    assert kernel.splits_for(programs, 132, 32768) == best
+    assert kernel.splits_for(programs, 132, 1000) == 3  # short caches stay at >= _MIN_SPLIT_SLOTS per split
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_lengths_beyond_capacity_are_clamped(paged):
     """Unchecked, too-large cache_seqlens read at most the capacity (no out-of-bounds access)."""

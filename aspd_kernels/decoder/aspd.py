@@ -131,9 +131,8 @@ class AspdMode(BranchesMode):
             raise RuntimeError("<|para|> without a title: the grammar should have prevented it")
         prompts = [[tk.branch, *title, *tk.title_sep] for title in titles]
         need = limit + 1 + max(map(len, prompts))  # + 1: the <|/branch|> a cut branch gets
-        w = width if width is not None else need
-        if w < need and req.counter.strategy == "fixed-length":
-            raise ValueError(f"width={w} is below max_branch_tokens + 1 + longest branch prompt = {need}")
+        w = self._width(width, need, "max_branch_tokens + 1 + longest branch prompt",
+                        req.counter.strategy == "fixed-length")
         rows = self._open_branches(req, prompts, w)
         logits = yield rows  # the <|para|> (serial, placed before) rides along
         end = tk.branch_end

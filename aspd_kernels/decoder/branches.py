@@ -124,11 +124,12 @@ class BranchesMode(SerialMode):
         return req.result(branches, suffix, self._sync())
 
     @staticmethod
-    def _width(width: int | None, need: int, what: str) -> int:
-        """The fixed-length stride: ``width`` if given (at least ``need``), else ``need``."""
+    def _width(width: int | None, need: int, what: str, check: bool = True) -> int:
+        """The fixed-length stride: ``width`` if given, else ``need`` (the most slots a branch may take); with
+        ``check``, a ``width`` below ``need`` raises ``ValueError`` (only fixed-length positions depend on it)."""
         if width is None:
             return need
-        if width < need:
+        if check and width < need:
             raise ValueError(f"width={width} is below {what} = {need}")
         return width
 

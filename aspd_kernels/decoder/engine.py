@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from .aspd import AspdMode
+from .plan import PlanMode
 from .weights import build, parse_dtype, read_directory, read_module
 
 
-class ParallelDecoder(AspdMode):
+class ParallelDecoder(PlanMode, AspdMode):
     """A Llama-family model with a static KV cache, decoding serial text and parallel sections in one sequence.
 
     Build with :meth:`from_hf`. ``max_seq_len`` bounds the slots of one request; ``max_position`` the rotary

@@ -114,7 +114,7 @@ class Request:
         s, b = self.seg[slot], self.br[slot]
         return [self.tokens[k] for k in range(slot + 1) if self.seg[k] != s or self.br[k] == b]
 
-    def result(self, branches: list, suffix: list[int], t2: float) -> DecodeResult:
+    def result(self, branches: list, suffix: list[int], t2: float, plan: list[int] | None = None) -> DecodeResult:
         lay = self.layout
         seg, br = torch.tensor(self.seg, dtype=torch.int32), torch.tensor(self.br, dtype=torch.int32)
         # the layout helper and the decoder's own bookkeeping must agree slot for slot
@@ -122,7 +122,7 @@ class Request:
         return DecodeResult(
             sequence=torch.tensor(self.tokens, dtype=torch.int64), segment=seg, branch=br,
             positions=torch.tensor(self.pos, dtype=torch.int32), sampled=torch.tensor(self.sampled, dtype=torch.bool),
-            layout=lay, branches=branches, suffix=suffix, forward_passes=self.forward_passes,
+            layout=lay, branches=branches, suffix=suffix, plan=plan or [], forward_passes=self.forward_passes,
             position_strategy=self.counter.strategy,
             width=self.widths if self.counter.strategy == "fixed-length" else None,
             prefill_s=self.t1 - self.t0, decode_s=t2 - self.t1, total_s=t2 - self.t0,

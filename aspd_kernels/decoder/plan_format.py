@@ -71,7 +71,8 @@ class PlanFormat:
                      conclusion: str | None = None, **limits: int) -> "PlanFormat":
         """Encode a format's strings with ``tokenizer`` (no template tokens). Defaults: Yu et al.'s format.
         ``title_end`` strings must each be one token; ``branch_stop`` is the first token of ``item_open``;
-        ``conclusion`` defaults to ``item_open + plan_end``."""
+        ``conclusion`` defaults to the ids of ``item_open`` then those of ``plan_end`` (as the grammar writes them
+        at the end of the plan)."""
         def enc(s: str) -> list[int]:
             return tokenizer.encode(s, add_special_tokens=False) if s else []
 
@@ -84,7 +85,7 @@ class PlanFormat:
         opener = enc(item_open)
         return cls(item_open=opener, title_end=ends, placeholder=enc(placeholder), plan_end=enc(plan_end),
                    branch_stop=opener[:1], branch_close=enc(branch_close),
-                   conclusion=enc(item_open + plan_end if conclusion is None else conclusion), **limits)
+                   conclusion=opener + enc(plan_end) if conclusion is None else enc(conclusion), **limits)
 
     @classmethod
     def yu(cls, tokenizer, **limits: int) -> "PlanFormat":

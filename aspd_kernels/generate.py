@@ -2,8 +2,9 @@
 
     python -m aspd_kernels.generate --model DIR --prompt "..." --branches "first" "second" [--suffix "..."]
     python -m aspd_kernels.generate --model DIR --prompt "..." --aspd     # model-driven (ASPD-trained models)
+    python -m aspd_kernels.generate --model DIR --prompt "..." --plan     # training-free plan mode, any model
 
-Prints each branch, the text after the section, and forward passes, tokens, tokens/s and time.
+Prints the plan (--plan), each branch, the text after the section, and forward passes, tokens, tokens/s and time.
 """
 from __future__ import annotations
 
@@ -21,8 +22,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--suffix", default=None, help="serial text after the section (with --suffix-tokens)")
     p.add_argument("--suffix-tokens", type=int, default=0, help="tokens to decode after the suffix")
     p.add_argument("--aspd", action="store_true", help="model-driven mode with the six ASPD tokens")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-branch-tokens", type=int, default=256, help="per-branch limit in --aspd mode")
+    p.add_argument("--plan", action="store_true",
+                   help="training-free plan mode (Yu et al.'s format; the prompt gets its instruction and, when the "
+                        "tokenizer has one, the chat template)")
+    p.add_argument("--plan-prefix", default="", help="text that starts the answer in --plan mode ('####' starts "
+                                                     "the list at once)")
+    p.add_argument("--max-plan-tokens", type=int, default=256, help="stage-1 limit in --plan mode")
+    p.add_argument("--max-items", type=int, default=8, help="most plan items in --plan mode")
+    p.add_argument("--max-title-tokens", type=int, default=16, help="longest item title in --plan mode")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="per branch (--branches), in all (--aspd), the "
+                                                                  "conclusion (--plan)")
+    p.add_argument("--max-branch-tokens", type=int, default=256, help="per-branch limit in --aspd and --plan modes")
     p.add_argument("--strategy", default="same-sequential",
                    choices=("same-sequential", "same-max", "fixed-length", "sequential"))
     p.add_argument("--temperature", type=float, default=0.0)
@@ -35,8 +45,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if a.aspd == (a.branches is not None):
-        p.error("give exactly one of --branches (caller's branches) or --aspd (model-driven)")
+    if a.aspd + a.plan + (a.branches is not None) != 1:
+        p.error("give exactly one of --branches (caller's branches), --aspd (model-driven) or --plan (plan mode)")
     return a
 
 
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from .decoder import ParallelDecoder
+    from .decoder import YU_INSTRUCTION, ParallelDecoder, PlanFormat
     from .tokens import AspdTokens
 
     a = _args(argv)
@@ -60,7 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, position_strategy=a.strategy)
     total = a.max_new_tokens * (len(a.branches) if a.branches else 1) + a.suffix_tokens
     bar = tqdm(total=total, unit="tok", desc="decoding", disable=a.no_progress, file=sys.stderr)
-    if a.branches:
+    prompts = None
+    if a.plan:
+        text = f"{a.prompt}\n{YU_INSTRUCTION}"
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False)
+        fmt = PlanFormat.yu(tok, max_items=a.max_items, max_title_tokens=a.max_title_tokens)
+        res = dec.generate_plan(_encode(tok, text + a.plan_prefix), fmt, a.max_plan_tokens, a.max_branch_tokens,
+                                a.max_new_tokens, eos_token_id=eos, progress=bar.update, **common)
+        sections = res.branches
+        print(f"== plan: {tok.decode(res.plan, skip_special_tokens=False)!r}")
+    elif a.branches:
         res = dec.generate_branches(prompt, [_encode(tok, b) for b in a.branches], a.max_new_tokens,
                                     eos_token_id=eos, suffix_ids=_encode(tok, a.suffix) if a.suffix else None,
                                     max_suffix_tokens=a.suffix_tokens, progress=bar.update, **common)
@@ -70,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         res = dec.generate(prompt, a.max_new_tokens, AspdTokens.from_tokenizer(tok), eos_token_id=eos,
                            max_branch_tokens=a.max_branch_tokens, progress=bar.update, **common)
         sections = res.branches
-        prompts = None
     bar.close()
 
     for s, branches in enumerate(sections):

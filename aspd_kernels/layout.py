@@ -65,35 +65,58 @@ class BranchLayout:
 
     @classmethod
     def from_aspd_tokens(cls, ids: Sequence[int] | torch.Tensor, tokens: AspdTokens) -> "BranchLayout":
-        """Parse a token sequence in ASPD's format. Tokens from a ``<|branch|>`` to its ``<|/branch|>`` (both
-        included) form one branch; consecutive branches form one parallel section, which ends at ``<|/para|>``
-        (a serial token) or at any serial text. Stray tokens between a ``<|/branch|>`` and the next ``<|branch|>``
-        belong to the branch before them. Everything else is serial."""
+        """Parse one sequence in ASPD's format (``ids``: ints or an int tensor of any shape, read flattened).
+
+        Tokens from a ``<|branch|>`` to its ``<|/branch|>`` (both included) form one branch; consecutive branches
+        form one parallel section, which ends at its last ``<|/branch|>``. Tokens between two branches of a
+        section stay with the branch before them; tokens after the last ``<|/branch|>`` (``<|/para|>`` or
+        anything else) are serial, as ASPD's training collator has them. Everything else is serial.
+        See ``docs/aspd_format.md`` for worked cases.
+
+        Raises ``ValueError`` naming the position ``ids[i]`` for a ``<|branch|>`` inside an open branch, a
+        ``<|/branch|>`` outside one, a ``<|title|>``, ``<|/title|>``, ``<|para|>`` or ``<|/para|>`` inside a
+        branch, and a branch still open at the end of the sequence.
+        """
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1).tolist()
+        ids = list(ids)
+        inside_forbidden = {tokens.title: "<|title|>", tokens.title_end: "<|/title|>", tokens.para: "<|para|>",
+                            tokens.para_end: "<|/para|>"}
+        # branch_follows[i]: from slot i on, a <|branch|> comes before anything that ends a section; a token
+        # outside a branch with it set sits between two branches. One backward pass keeps the parse linear.
+        branch_follows = [False] * (len(ids) + 1)
+        enders = (tokens.para_end, tokens.para, tokens.title, tokens.branch_end)
+        for i in range(len(ids) - 1, -1, -1):
+            t = ids[i]
+            branch_follows[i] = t == tokens.branch or (t not in enders and branch_follows[i + 1])
         lay = cls()
-        in_branch = False
+        opened = -1  # position of the open branch's <|branch|>, -1 outside a branch
         k = 0
         for pos, t in enumerate(ids):
-            if t == tokens.branch:
-                if in_branch:
-                    raise ValueError(f"ids[{pos}]: <|branch|> opens a branch inside an open branch")
+            if opened >= 0:
+                if t == tokens.branch:
+                    raise ValueError(f"ids[{pos}]: <|branch|> opens a branch inside an open branch "
+                                     f"(opened at ids[{opened}])")
+                if t in inside_forbidden:
+                    raise ValueError(f"ids[{pos}]: {inside_forbidden[t]} inside a branch (opened at ids[{opened}])")
+                lay.append_branch(k, 1)
+                if t == tokens.branch_end:
+                    opened = -1
+            elif t == tokens.branch:
                 if not lay._open:
                     lay.open_parallel()
                     k = 0
                 k += 1
-                in_branch = True
+                opened = pos
                 lay.append_branch(k, 1)
-            elif lay._open and (in_branch or t not in (tokens.para_end, tokens.para, tokens.title)):
+            elif t == tokens.branch_end:
+                raise ValueError(f"ids[{pos}]: <|/branch|> outside a branch")
+            elif lay._open and branch_follows[pos]:  # t is not <|branch|>: it sits between two branches
                 lay.append_branch(k, 1)
-                if t == tokens.branch_end:
-                    in_branch = False
             else:
-                if t == tokens.branch_end:
-                    raise ValueError(f"ids[{pos}]: <|/branch|> outside a branch")
-                if lay._open:
-                    lay.close_parallel()
-                lay.append_serial(1)
+                lay.append_serial(1)  # closes the section if one is open
+        if opened >= 0:
+            raise ValueError(f"ids[{opened}]: <|branch|> is never closed (the sequence ends inside the branch)")
         if lay._open:
             lay.close_parallel()
         return lay

@@ -198,18 +198,18 @@ def test_logits_equal_transformers(pair):
 
     model, dec = pair
     prompt, prompts = _prompts(2, 3, prefix_len=9)
-    run = Request(dec, "same-sequential")
+    run = Request(dec.max_seq_len, dec.max_position, "same-sequential")
     slots = [run.place(t) for t in prompt]
-    ours = run.forward(slots)
+    ours = dec._feed([(run, slots)])[0]
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0].float()
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
     res = dec.generate_branches(prompt, prompts, 3, suffix_ids=[4, 5], max_suffix_tokens=2)
-    run = Request(dec, "same-sequential")
+    run = Request(dec.max_seq_len, dec.max_position, "same-sequential")
     run.tokens, run.seg, run.br = res.sequence.tolist(), res.segment.tolist(), res.branch.tolist()
     run.pos = res.positions.tolist()
-    ours = run.forward(list(range(len(run.tokens))))
+    ours = dec._feed([(run, list(range(len(run.tokens))))])[0]
     torch.testing.assert_close(ours, dense_logits(model, res), atol=2e-5, rtol=1e-4)
 
 

@@ -106,7 +106,7 @@ def test_grammar_held(run):
             if t == TK.para:
                 assert seq[i - 1] == TK.title_end
         else:
-            assert t not in (TK.branch, TK.title, TK.para, TK.para_end)
+            assert t not in (TK.branch, TK.title, TK.title_end, TK.para, TK.para_end)
 
 
 def test_every_token_is_the_dense_argmax(run):
@@ -166,9 +166,10 @@ def test_position_strategies_dense_argmax(run, strategy):
     assert res.branches, "the script should open a section"
     width = None
     if strategy == "fixed-length":
-        assert len(set(res.width)) == 1  # every branch prompt is <|branch|> + one title token: 10 + 2
+        # every branch prompt is <|branch|> + one title token: 10 + 1 (a cut branch's <|/branch|>) + 2
+        assert len(set(res.width)) == 1
         width = res.width[0]
-        assert width == 12
+        assert width == 13
     assert torch.equal(res.positions, remap_positions(res.segment, res.branch, strategy, width=width))
     grammar = Grammar(TK, VOCAB, torch.device("cpu"))
     logits = dense_logits(model, res)
@@ -180,13 +181,14 @@ def test_position_strategies_dense_argmax(run, strategy):
 
 
 def test_budget_runs_out_inside_a_section(run):
-    """max_new_tokens reached while branches are live: they are cut, the section is still closed with <|/para|>
-    (fed, so every branch token is in the cache) and decoding stops."""
+    """max_new_tokens reached while branches are live: they are cut and closed with <|/branch|>, the section is
+    closed with <|/para|> (fed, so every branch token is in the cache) and decoding stops."""
     _, dec, _ = run
     res = dec.generate(PROMPT, 12, TK, eos_token_id=EOS, max_branch_tokens=10, logits_processor=processor)
     # 11 serial tokens up to <|para|>, then one step of 3 branches overshoots the budget by 2
     assert res.generated_tokens == 14
-    assert [len(b) for b in res.branches[0]] == [1, 1, 1]
+    assert [len(b) for b in res.branches[0]] == [2, 2, 2]
+    assert all(b[-1] == TK.branch_end for b in res.branches[0])
     assert res.sequence[-1] == TK.para_end and not res.sampled[-1]
     assert res.suffix == []
     # prompt, 10 serial steps, the section's prefill (with <|para|>), the closing pass

@@ -24,6 +24,7 @@ def model_dir(tmp_path_factory):
     vocab = {"[UNK]": 0, "<eos>": 1}
     vocab.update({f"w{i}": i for i in range(2, 290)})
     vocab.update({t: 290 + i for i, t in enumerate(TOKEN_STRINGS)})
+    vocab.update({"####": 296, "%%%%": 297, ":": 298, "......": 299})  # Yu's plan format, word by word
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>",
@@ -80,3 +81,31 @@ def test_cli_aspd_mode_and_errors(model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(path), "--prompt", "w5"])
     assert "--branches" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(path), "--prompt", "w5", "--aspd", "--plan"])
+    assert "--plan" in capsys.readouterr().err
+
+
+def test_cli_plan_mode(model_dir):
+    """--plan on the saved model: '####' starts the answer's list, the grammar bounds the titles and the items, the
+    items are decoded as branches and the conclusion follows, as generate_plan decodes them."""
+    from aspd_kernels.decoder import YU_INSTRUCTION, ParallelDecoder, PlanFormat
+
+    path, model = model_dir
+    out = _cli("--model", str(path), "--prompt", "w5 w17 w33", "--plan", "--plan-prefix", " ####",
+               "--max-items", "3", "--max-title-tokens", "2", "--max-plan-tokens", "40", "--max-branch-tokens",
+               "4", "--max-new-tokens", "3", "--device", "cpu", "--dtype", "float32", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    fmt = PlanFormat.yu(tok, max_items=3, max_title_tokens=2)
+    assert fmt.item_open == (296,) and fmt.plan_end == (297,) and fmt.title_end == (298,)
+    assert fmt.placeholder == (299,) and fmt.conclusion == (296, 297) and fmt.branch_stop == (296,)
+    ids = tok.encode(f"w5 w17 w33\n{YU_INSTRUCTION} ####", add_special_tokens=False)
+    want = ParallelDecoder.from_hf(model, max_seq_len=512).generate_plan(ids, fmt, 40, 4, 3, eos_token_id=1)
+    assert want.branches, "the grammar should have closed the plan within 40 tokens"
+    assert lines[0] == f"== plan: {tok.decode(want.plan, skip_special_tokens=False)!r}"
+    assert f"== parallel section 0 ({len(want.branches[0])} branches)" in lines
+    for j, b in enumerate(want.branches[0], start=1):
+        assert f"[branch {j}] {tok.decode(b, skip_special_tokens=False)!r}" in lines
+    assert f"== after the section: {tok.decode(want.suffix, skip_special_tokens=False)!r}" in lines

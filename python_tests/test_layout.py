@@ -79,3 +79,79 @@ def test_from_aspd_tokens_rejects_nested_branch():
 def test_from_sections_rejects_bad_kind():
     with pytest.raises(ValueError, match="sections\\[0\\]"):
         BranchLayout.from_sections([("paralel", [1])])
+
+
+T = AspdTokens(branch=100, branch_end=101, title=102, title_end=103, para=104, para_end=105)
+B, E, TI, TE, P, PE = T.as_tuple()
+
+
+def _ids(lay: BranchLayout) -> tuple[list[int], list[int]]:
+    return lay.segment.tolist(), lay.branch.tolist()
+
+
+def test_from_aspd_tokens_text_after_last_branch_is_serial():
+    """No <|/para|>: the section ends at its last <|/branch|>; what follows is serial and sees every branch."""
+    ids = [1, P, B, 7, E, B, 8, E, 3, 4]
+    seg, br = _ids(BranchLayout.from_aspd_tokens(ids, T))
+    assert br == [0, 0, 1, 1, 1, 2, 2, 2, 0, 0]
+    assert seg == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2]
+    lay = BranchLayout.from_aspd_tokens(ids, T)
+    assert lay.dense_mask()[8, 2:8].all()  # the first serial token after the section sees both branches
+    # same-sequential: the serial text continues after both branches' lengths, not inside branch 2
+    assert lay.positions().tolist()[8:] == [2 + 6, 2 + 7]
+
+
+def test_from_aspd_tokens_token_between_branches_stays_with_the_branch_before():
+    ids = [1, B, 7, E, 9, 9, B, 8, E, PE, 3]
+    seg, br = _ids(BranchLayout.from_aspd_tokens(ids, T))
+    assert br == [0, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0]
+    assert seg == [0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2]
+
+
+def test_from_aspd_tokens_sections_apart():
+    """<|/para|>, <|para|> or <|title|> between branches close the section: the next <|branch|> opens another."""
+    for sep in (PE, P, TI):
+        ids = [1, B, 7, E, sep, B, 8, E]
+        seg, br = _ids(BranchLayout.from_aspd_tokens(ids, T))
+        assert br == [0, 1, 1, 1, 0, 1, 1, 1], sep
+        assert seg == [0, 1, 1, 1, 2, 3, 3, 3], sep
+    # trailing text, then a second section with its own closing
+    ids = [B, 7, E, 5, TI, 6, TE, P, B, 8, E, PE]
+    seg, br = _ids(BranchLayout.from_aspd_tokens(ids, T))
+    assert br == [1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0]
+    assert seg == [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 3]
+
+
+def test_from_aspd_tokens_round_trip_from_sections():
+    """Both directions: a layout written out as ASPD text (branches contiguous, each section after a <|para|>, no
+    <|/para|>) parses back to the same layout."""
+    lay = BranchLayout.from_sections([("serial", 4), ("parallel", [3, 5, 2]), ("serial", 3),
+                                      ("parallel", [2, 4]), ("serial", 1)])
+    seg, br = lay.segment.tolist(), lay.branch.tolist()
+    ids = []
+    for i in range(len(seg)):
+        first = i == 0 or (seg[i - 1], br[i - 1]) != (seg[i], br[i])
+        last = i == len(seg) - 1 or (seg[i + 1], br[i + 1]) != (seg[i], br[i])
+        if br[i]:
+            ids.append(B if first else E if last else 50)
+        else:
+            ids.append(P if i + 1 < len(seg) and br[i + 1] else 40)
+    back = BranchLayout.from_aspd_tokens(ids, T)
+    assert torch.equal(back.segment, lay.segment) and torch.equal(back.branch, lay.branch)
+
+
+@pytest.mark.parametrize("ids, pos, what", [
+    ([1, B, 5, B, 6, E], 3, "inside an open branch"),
+    ([1, 2, E], 2, "outside a branch"),
+    ([1, B, 5, E, 7, E], 5, "outside a branch"),
+    ([1, B, 5, P, E], 3, "<\\|para\\|> inside a branch"),
+    ([1, B, 5, PE, E], 3, "<\\|/para\\|> inside a branch"),
+    ([1, B, TI, 5, E], 2, "<\\|title\\|> inside a branch"),
+    ([1, B, 5, TE, E], 3, "<\\|/title\\|> inside a branch"),
+    ([1, B, 5, E, B, 6], 4, "never closed"),
+])
+def test_from_aspd_tokens_rejects_malformed(ids, pos, what):
+    with pytest.raises(ValueError, match=f"ids\\[{pos}\\]: .*{what}"):
+        BranchLayout.from_aspd_tokens(ids, T)
+    with pytest.raises(ValueError, match=f"ids\\[{pos}\\]"):
+        BranchLayout.from_aspd_tokens(torch.tensor(ids), T)

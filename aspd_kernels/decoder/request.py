@@ -1,17 +1,11 @@
 """One request's host-side record: every slot's token, ids and rotary position, in storage (= feeding) order."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
 import torch
-from torch import Tensor
 
 from ..layout import BranchLayout
 from ..reference import STRATEGIES
 from .result import DecodeResult
-
-if TYPE_CHECKING:
-    from .engine import ParallelDecoder
 
 
 class Positions:
@@ -57,10 +51,11 @@ class Positions:
 
 class Request:
     """A request in row ``row`` of the decoder's cache. Slots ``[0, fed)`` are in the cache; slots placed after
-    them wait for the next forward pass."""
+    them wait for the next forward pass. ``max_seq_len`` bounds the slots, ``max_position`` the rotary positions
+    (the decoder's limits; the request knows nothing else of the decoder, which feeds it)."""
 
-    def __init__(self, dec: "ParallelDecoder", strategy: str, row: int = 0) -> None:
-        self.dec = dec
+    def __init__(self, max_seq_len: int, max_position: int, strategy: str, row: int = 0) -> None:
+        self.max_seq_len, self.max_position = max_seq_len, max_position
         self.row = row
         self.fed = 0
         self.tokens: list[int] = []
@@ -79,8 +74,8 @@ class Request:
     def place(self, token: int, j: int = 0, sampled: bool = False) -> int:
         """Put ``token`` at the next slot (serial if ``j == 0``, else branch ``j`` of the open section)."""
         slot = len(self.tokens)
-        if slot >= self.dec.max_seq_len:
-            raise ValueError(f"the sequence outgrew max_seq_len={self.dec.max_seq_len}")
+        if slot >= self.max_seq_len:
+            raise ValueError(f"the sequence outgrew max_seq_len={self.max_seq_len}")
         if j == 0:
             if self.parallel:
                 self.close_section()
@@ -91,8 +86,8 @@ class Request:
         else:
             pos = self.counter.branch(j, slot)
             self.layout.append_branch(j, 1)
-        if pos >= self.dec.max_position:
-            raise ValueError(f"position {pos} exceeds the rotary table ({self.dec.max_position} rows; raise "
+        if pos >= self.max_position:
+            raise ValueError(f"position {pos} exceeds the rotary table ({self.max_position} rows; raise "
                              "max_position)")
         self.tokens.append(int(token))
         self.seg.append(self.section)
@@ -119,11 +114,7 @@ class Request:
         s, b = self.seg[slot], self.br[slot]
         return [self.tokens[k] for k in range(slot + 1) if self.seg[k] != s or self.br[k] == b]
 
-    def forward(self, rows: Sequence[int] = ()) -> Tensor | None:
-        """Feed this request's unfed slots alone (one forward pass); logits of the slots ``rows``."""
-        return self.dec._feed([(self, list(rows))])[0]
-
-    def result(self, branches: list, suffix: list[int], t2: float) -> DecodeResult:
+    def result(self, branches: list, suffix: list[int], t2: float, plan: list[int] | None = None) -> DecodeResult:
         lay = self.layout
         seg, br = torch.tensor(self.seg, dtype=torch.int32), torch.tensor(self.br, dtype=torch.int32)
         # the layout helper and the decoder's own bookkeeping must agree slot for slot
@@ -131,7 +122,7 @@ class Request:
         return DecodeResult(
             sequence=torch.tensor(self.tokens, dtype=torch.int64), segment=seg, branch=br,
             positions=torch.tensor(self.pos, dtype=torch.int32), sampled=torch.tensor(self.sampled, dtype=torch.bool),
-            layout=lay, branches=branches, suffix=suffix, forward_passes=self.forward_passes,
+            layout=lay, branches=branches, suffix=suffix, plan=plan or [], forward_passes=self.forward_passes,
             position_strategy=self.counter.strategy,
             width=self.widths if self.counter.strategy == "fixed-length" else None,
             prefill_s=self.t1 - self.t0, decode_s=t2 - self.t1, total_s=t2 - self.t0,

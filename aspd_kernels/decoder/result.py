@@ -19,7 +19,8 @@ class DecodeResult:
     sampled:   bool [N], True where the decoder sampled the token (not given by the caller or inserted by the engine).
     branches:  per parallel section (``generate``) or for the one section (``generate_branches``), each branch's
                generated tokens in order, its end token (EOS / ``<|/branch|>``) included.
-    suffix:    tokens generated after the (last) parallel section.
+    suffix:    tokens generated after the (last) parallel section (``generate_plan``: the conclusion).
+    plan:      ``generate_plan``'s stage-1 tokens (the plan, or the whole serial answer when none was written).
     width:     the fixed-length stride of each parallel section (None for other strategies).
     """
 
@@ -31,6 +32,7 @@ class DecodeResult:
     layout: BranchLayout
     branches: list = field(default_factory=list)
     suffix: list[int] = field(default_factory=list)
+    plan: list[int] = field(default_factory=list)
     forward_passes: int = 0
     position_strategy: str = "same-sequential"
     width: list[int] | None = None

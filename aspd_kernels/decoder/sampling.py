@@ -66,7 +66,7 @@ class Grammar:
     Serial text: ``<|branch|>``, ``<|/branch|>``, ``<|/para|>`` never; after ``<|/title|>`` only ``<|title|>`` or
     ``<|para|>``; ``<|para|>`` only right after a ``<|/title|>`` (so at least one title exists); ``<|/title|>`` only
     inside an open title and ``<|title|>`` not inside one. Inside a branch: ``<|branch|>``, ``<|title|>``,
-    ``<|para|>``, ``<|/para|>`` never.
+    ``<|/title|>``, ``<|para|>``, ``<|/para|>`` never (as ASPD's engine; ``from_aspd_tokens`` rejects them there).
     """
 
     def __init__(self, tokens: AspdTokens, vocab_size: int, device: torch.device) -> None:
@@ -80,7 +80,7 @@ class Grammar:
         self.serial = self._forbid(serial_never + (t.para, t.title_end))
         self.in_title = self._forbid(serial_never + (t.para, t.title))
         self.after_title = self._allow((t.title, t.para))
-        self.branch = self._forbid((t.branch, t.title, t.para, t.para_end))
+        self.branch = self._forbid((t.branch, t.title, t.title_end, t.para, t.para_end))
 
     def _forbid(self, ids: Iterable[int]) -> Tensor:
         m = torch.zeros(self._v, dtype=torch.float32, device=self._dev)

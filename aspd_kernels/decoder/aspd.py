@@ -1,0 +1,166 @@
+"""Model-driven mode (``generate``): an ASPD-trained model opens parallel sections itself with the six tokens of
+``AspdTokens``; the engine turns each ``<|title|>T<|/title|>`` into a branch and closes every branch and section."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..tokens import AspdTokens
+from .branches import BranchesMode
+from .driver import LogitsProcessor, Program, positive, stop_set
+from .request import Request
+from .result import DecodeResult
+from .sampling import Grammar, SamplingParams
+
+
+class AspdMode(BranchesMode):
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: Sequence[int] | Tensor,
+        max_new_tokens: int,
+        tokens: AspdTokens,
+        eos_token_id: int | Sequence[int] | None = None,
+        max_branch_tokens: int = 256,
+        position_strategy: str = "same-sequential",
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        *,
+        width: int | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> DecodeResult:
+        """The model-driven engine. Serial decoding until ``<|para|>``; one branch per ``<|title|>T<|/title|>`` of
+        the current serial text, prompt ``<|branch|> T`` + ``tokens.title_sep`` (fed with the ``<|para|>`` in one
+        forward pass); branches decoded in parallel until each emits ``<|/branch|>``, EOS or
+        ``max_branch_tokens``. Every branch ends with ``<|/branch|>``: an EOS inside a branch is taken as one, and
+        a branch cut by a limit gets one appended. Then ``<|/para|>`` + ``tokens.after_para`` (serial) are fed
+        with the branches' last tokens and serial decoding resumes over the same cache. The six-token grammar is
+        enforced (see :class:`~aspd_kernels.decoder.sampling.Grammar`), so the answer, read branch by branch
+        (stable sort of the slots by ``(segment, branch)``), parses back through ``BranchLayout.from_aspd_tokens``
+        to the decoder's layout.
+
+        ``max_new_tokens`` bounds the sampled tokens (serial and branch), checked after each forward pass.
+        ``width`` (fixed-length only): the stride, default ``max_branch_tokens + 1 + longest branch prompt`` per
+        section. ``result.branches``: one list per parallel section, each branch's tokens after its prompt (its
+        ``<|/branch|>`` included); ``result.suffix``: the tokens sampled after the last section.
+        Raises ``ValueError`` if the sequence outgrows ``max_seq_len``.
+        """
+        return self.generate_batch([prompt_ids], max_new_tokens, tokens, eos_token_id, max_branch_tokens,
+                                   position_strategy, temperature, top_k, top_p, seed, width=width,
+                                   logits_processor=logits_processor, progress=progress)[0]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompt_ids: Sequence[Sequence[int] | Tensor],
+        max_new_tokens: int,
+        tokens: AspdTokens,
+        eos_token_id: int | Sequence[int] | None = None,
+        max_branch_tokens: int = 256,
+        position_strategy: str = "same-sequential",
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        *,
+        width: int | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[DecodeResult]:
+        """:meth:`generate` for several prompts at once, each in its own cache row: one request may be in a
+        parallel section while another decodes serially, all advanced by shared forward passes."""
+        positive("max_new_tokens", max_new_tokens)
+        positive("max_branch_tokens", max_branch_tokens)
+        grammar = Grammar(tokens, self.vocab_size, self.device)
+        bad = [t for t in tokens.title_sep + tokens.after_para if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"tokens.title_sep/after_para hold ids outside [0, {self.vocab_size}): {bad[:5]}")
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        prompts = self._prompts("prompt_ids", prompt_ids)
+        stop, gen = stop_set(eos_token_id), params.generator(self.device)
+        reqs = self._requests(len(prompts), position_strategy)
+        return self._drive([(r, self._aspd_program(r, p, max_new_tokens, stop, params, gen, grammar,
+                                                   logits_processor, progress, width, max_branch_tokens))
+                            for r, p in zip(reqs, prompts)])
+
+    def _aspd_program(self, req: Request, prompt: list[int], max_new_tokens: int, stop: set[int],
+                      params: SamplingParams, gen, grammar: Grammar, processor, progress, width: int | None,
+                      max_branch_tokens: int) -> Program:
+        tk = grammar.tokens
+        for t in prompt:
+            last = req.place(t)
+        logits = yield [last]
+        req.t1 = self._sync()
+        text = list(prompt)  # the current serial section, where titles are looked for
+        sections: list[list[list[int]]] = []
+        suffix: list[int] = []
+        budget = [max_new_tokens]
+        while budget[0] > 0:
+            bias = grammar.serial_bias(text[-1], _title_open(text, tk))
+            t = self._sample(req, logits, [last], params, gen, bias, processor)[0]
+            budget[0] -= 1
+            suffix.append(t)
+            text.append(t)
+            last = req.place(t, sampled=True)
+            if progress is not None:
+                progress(1)
+            if t in stop or budget[0] <= 0:
+                break
+            if t == tk.para:
+                branches, last, logits = yield from self._section(req, text, grammar, max_branch_tokens, width,
+                                                                  stop, params, gen, processor, budget, progress)
+                sections.append(branches)
+                suffix = []
+                text = [tk.para_end, *tk.after_para]
+                continue
+            logits = yield [last]
+        return req.result(sections, suffix, self._sync())
+
+    def _section(self, req: Request, text: list[int], grammar: Grammar, limit: int, width: int | None,
+                 stop: set[int], params, gen, processor, budget: list[int], progress):
+        """One parallel section after a sampled ``<|para|>`` (placed, not fed). Returns the branches' tokens and
+        the slot and logits of the last serial token placed after the closing ``<|/para|>``."""
+        tk = grammar.tokens
+        titles = _titles(text, tk)
+        if not titles:
+            raise RuntimeError("<|para|> without a title: the grammar should have prevented it")
+        prompts = [[tk.branch, *title, *tk.title_sep] for title in titles]
+        need = limit + 1 + max(map(len, prompts))  # + 1: the <|/branch|> a cut branch gets
+        w = self._width(width, need, "max_branch_tokens + 1 + longest branch prompt",
+                        req.counter.strategy == "fixed-length")
+        rows = self._open_branches(req, prompts, w)
+        logits = yield rows  # the <|para|> (serial, placed before) rides along
+        end = tk.branch_end
+        out = yield from self._branch_loop(req, logits, rows, limit, stop | {end}, {end}, (end,), params, gen,
+                                           grammar.branch, processor, budget, progress)
+        for t in (tk.para_end, *tk.after_para):
+            slot = req.place(t)
+        return out, slot, (yield [slot])
+
+
+def _title_open(text: list[int], tk: AspdTokens) -> bool:
+    for t in reversed(text):
+        if t == tk.title_end:
+            return False
+        if t == tk.title:
+            return True
+    return False
+
+
+def _titles(text: list[int], tk: AspdTokens) -> list[list[int]]:
+    """The token spans between each ``<|title|>`` and its ``<|/title|>`` in ``text``."""
+    out, cur = [], None
+    for t in text:
+        if t == tk.title:
+            cur = []
+        elif t == tk.title_end and cur is not None:
+            out.append(cur)
+            cur = None
+        elif cur is not None:
+            cur.append(t)
+    return out

@@ -1,0 +1,200 @@
+"""The part of the decoder every mode shares: the model, the static cache, the forward pass, and the driver that
+runs the requests' programs in lockstep (SPEC section 6; ``docs/decoder.md``).
+
+Storage order is feeding order. A sampled token is placed at the next slot and fed by the next forward pass, so
+each forward pass carries: a prompt (prefill), or the branch prompts of a new section (all at once, contiguous), or
+one token per live branch (interleaved), or the last tokens of the finished branches together with the serial
+tokens that close the section. Nothing is ever recomputed: every slot is fed exactly once.
+
+Each request's decoding is a generator ("program") that yields the slots whose logits it needs and receives them;
+:meth:`Driver._drive` runs the programs of a batch in lockstep, one forward pass for all of them per round (each
+request in its own cache row, with its own layout; a request with nothing to feed sits the round out with
+``q_seqlens = 0``). The modes (serial, caller's branches, model-driven ASPD, plan) are programs over this.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Generator, Sequence
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .graphs import DecodeGraphs
+from .model import Batch, Transformer
+from .request import Request
+from .result import DecodeResult
+from .sampling import SamplingParams, sample
+
+LogitsProcessor = Callable[[Tensor, list[list[int]]], Tensor]
+Program = Generator[list[int], "Tensor | None", DecodeResult]
+
+
+class Driver:
+    """A Llama-family model with a static KV cache and the forward pass over it; the modes subclass it.
+
+    ``max_seq_len`` bounds the slots of one request; ``max_position`` (the rotary table's rows, from the model)
+    the positions, which can exceed the slots with the fixed-length strategy; ``max_batch`` the requests decoded
+    together by the ``*_batch`` methods (each has its own cache row).
+    """
+
+    def __init__(self, model: Transformer, *, max_seq_len: int = 4096, max_batch: int = 1,
+                 cuda_graphs: bool | None = None, check_values: bool | None = None) -> None:
+        self.model = model
+        cfg = model.config
+        if cfg.sliding_window is not None and max_seq_len > cfg.sliding_window:
+            raise ValueError(f"the model uses a sliding window of {cfg.sliding_window} tokens, which the ops do not "
+                             f"implement: use max_seq_len <= {cfg.sliding_window}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.max_seq_len = max_seq_len
+        self.max_position = model.cos_sin.shape[0]
+        self.vocab_size = cfg.vocab_size
+        self.cache = KVCache(cfg.num_layers, max_batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, self.dtype,
+                             self.device)
+        on_cuda = self.device.type == "cuda"
+        # value checks read the device (a sync per op); the engine validates its own inputs on the host
+        self.check_values = (not on_cuda) if check_values is None else check_values
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and max_batch == 1 and _capturable(self.device)
+        if cuda_graphs and (not on_cuda or max_batch != 1):
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device and max_batch=1")
+        self.graphs = DecodeGraphs(model, self.cache) if cuda_graphs else None
+
+    # ------------------------------------------------------------------ forward
+    def _feed(self, asks: list[tuple[Request, list[int]]]) -> list[Tensor | None]:
+        """One forward pass over the unfed slots of each asking request; per request the float32 logits
+        ``[len(rows), V]`` of its slots ``rows`` (None when it asks for none)."""
+        spans = []
+        for req, _ in asks:
+            a, e = req.fed, len(req.tokens)
+            if e == a:
+                raise RuntimeError("a forward pass with nothing to feed")
+            spans.append((a, e))
+        outs = None
+        if self.graphs is not None and len(asks) == 1:
+            (req, rows), (a, e) = asks[0], spans[0]
+            full = self.graphs.run(req.tokens[a:e], req.pos[a:e], req.seg[a:e], req.br[a:e], e)
+            if full is not None:
+                outs = [full[[r - a for r in rows]] if rows else None]
+        if outs is None:
+            outs = self._eager(asks, spans)
+        for (req, _), (_, e) in zip(asks, spans):
+            req.fed = e
+            req.forward_passes += 1
+        return outs
+
+    def _eager(self, asks: list[tuple[Request, list[int]]], spans: list[tuple[int, int]]) -> list[Tensor | None]:
+        bsz = self.cache.k.shape[1]
+        width = max(e - a for a, e in spans)
+        tok = torch.zeros((bsz, width), dtype=torch.int64)
+        ids = torch.zeros((3, bsz, width), dtype=torch.int32)
+        lens = torch.zeros((2, bsz), dtype=torch.int32)  # rows not asking: q_seqlens 0, nothing read or written
+        pick_b, pick_t = [], []
+        for (req, rows), (a, e) in zip(asks, spans):
+            b, n = req.row, e - a
+            tok[b, :n] = torch.tensor(req.tokens[a:e])
+            ids[:, b, :n] = torch.tensor([req.pos[a:e], req.seg[a:e], req.br[a:e]], dtype=torch.int32)
+            lens[:, b] = torch.tensor([e, n], dtype=torch.int32)
+            pick_b += [b] * len(rows)
+            pick_t += [r - a for r in rows]
+        dev = self.device
+        tok, ids, lens = tok.to(dev), ids.to(dev), lens.to(dev)
+        h = self.model.hidden(Batch(tok, ids[0], ids[1], ids[2], lens[0], lens[1]), self.cache, self.check_values)
+        logits = self.model.logits(h[pick_b, pick_t]) if pick_b else None
+        outs, k = [], 0
+        for _, rows in asks:
+            outs.append(logits[k:k + len(rows)] if rows else None)
+            k += len(rows)
+        return outs
+
+    def _drive(self, programs: list[tuple[Request, Program]]) -> list[DecodeResult]:
+        """Run each request's program to completion, one batched forward pass per round for all that ask."""
+        results: list[DecodeResult | None] = [None] * len(programs)
+        asks: dict[int, tuple[Request, list[int]]] = {}
+
+        def advance(i: int, value) -> None:
+            req, prog = programs[i]
+            try:
+                asks[i] = (req, prog.send(value))
+            except StopIteration as stop:
+                results[i] = stop.value
+                asks.pop(i, None)
+
+        for i in range(len(programs)):
+            advance(i, None)
+        while asks:
+            order = sorted(asks)
+            outs = self._feed([asks[i] for i in order])
+            for i, out in zip(order, outs):
+                advance(i, out)
+        return results  # type: ignore[return-value]
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _sample(self, req: Request, logits: Tensor, rows: list[int], params: SamplingParams,
+                gen: torch.Generator | None, bias: Tensor | None, processor: LogitsProcessor | None) -> list[int]:
+        if processor is not None:
+            logits = processor(logits, [req.history(r) for r in rows])
+        # the one host sync per step: which branches are still live decides the next step's shape
+        return sample(logits, params, gen, bias).tolist()
+
+    def _requests(self, n: int, strategy: str) -> list[Request]:
+        if n > self.cache.k.shape[1]:
+            raise ValueError(f"{n} requests exceed max_batch={self.cache.k.shape[1]}")
+        reqs = [Request(self.max_seq_len, self.max_position, strategy, row=b) for b in range(n)]
+        t0 = self._sync()
+        for r in reqs:
+            r.t0 = t0
+        return reqs
+
+    def _prompts(self, name: str, prompt_ids: Sequence[Sequence[int] | Tensor]) -> list[list[int]]:
+        """Check one prompt per request (``name``, or ``name[i]`` in a batch): ids in the vocabulary, not empty."""
+        n = len(prompt_ids)
+        out = []
+        for i, p in enumerate(prompt_ids):
+            tag = name if n == 1 else f"{name}[{i}]"
+            ids = check_ids(tag, p, self.vocab_size)
+            if not ids:
+                raise ValueError(f"{tag} must hold at least one token")
+            out.append(ids)
+        return out
+
+
+def check_ids(name: str, ids: Sequence[int] | Tensor, vocab: int) -> list[int]:
+    """``ids`` as a list of ints, each in ``[0, vocab)``; else ``ValueError`` naming ``name``."""
+    if isinstance(ids, Tensor):
+        ids = ids.reshape(-1).tolist()
+    ids = [int(t) for t in ids]
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{name} holds token ids outside [0, {vocab}): {bad[:5]}")
+    return ids
+
+
+def stop_set(eos: int | Sequence[int] | None) -> set[int]:
+    if eos is None:
+        return set()
+    if isinstance(eos, int):
+        return {eos}
+    return {int(t) for t in eos}
+
+
+def positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _capturable(device: torch.device) -> bool:
+    """CUDA graphs need ops without host syncs: the Triton or CUDA backend, not the torch fallback."""
+    from .._dispatch import resolve
+
+    try:
+        return all(resolve(op, device) != "torch" for op in ("rope_append_kv", "branch_attention_with_kvcache"))
+    except ValueError:
+        return False

@@ -1,0 +1,58 @@
+"""Serial mode: plain autoregressive decoding over the static cache, and the serial steps the other modes end with
+(the text after a section)."""
+from __future__ import annotations
+
+from typing import Callable, Generator, Sequence
+
+import torch
+from torch import Tensor
+
+from .driver import Driver, LogitsProcessor, Program, positive, stop_set
+from .request import Request
+from .result import DecodeResult
+from .sampling import SamplingParams
+
+
+class SerialMode(Driver):
+    @torch.inference_mode()
+    def generate_serial(self, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int,
+                        eos_token_id: int | Sequence[int] | None = None, temperature: float = 0.0,
+                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None, *,
+                        logits_processor: LogitsProcessor | None = None,
+                        progress: Callable[[int], None] | None = None) -> DecodeResult:
+        """Plain autoregressive decoding (no sections) of ``prompt_ids`` (ints or int tensor, at least one token):
+        the baseline parallel decoding is measured against and the path the identities compare branches with.
+        ``result.suffix`` holds the up to ``max_new_tokens`` generated tokens (an ``eos_token_id`` included).
+        Forward passes: ``len(suffix)`` (the last token is sampled, never fed)."""
+        positive("max_new_tokens", max_new_tokens)
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        prompt = self._prompts("prompt_ids", [prompt_ids])[0]
+        req = self._requests(1, "same-sequential")[0]
+        return self._drive([(req, self._serial_program(req, prompt, max_new_tokens, stop_set(eos_token_id), params,
+                                                       params.generator(self.device), logits_processor,
+                                                       progress))])[0]
+
+    def _serial_program(self, req: Request, prompt: list[int], n: int, stop: set[int], params: SamplingParams,
+                        gen, processor, progress) -> Program:
+        for t in prompt:
+            last = req.place(t)
+        logits = yield [last]
+        req.t1 = self._sync()
+        out = yield from self._serial_steps(req, logits, last, n, stop, params, gen, processor, progress)
+        return req.result([], out, self._sync())
+
+    def _serial_steps(self, req: Request, logits: Tensor, last: int, n: int, stop: set[int],
+                      params: SamplingParams, gen, processor, progress) -> Generator[list[int], Tensor, list[int]]:
+        """Sample up to ``n`` serial tokens from ``logits`` (those of slot ``last``), stopping after a token in
+        ``stop``. Each is placed; the last one is never fed (no later token needs it). Returns the tokens."""
+        out: list[int] = []
+        for i in range(n):
+            t = self._sample(req, logits, [last], params, gen, None, processor)[0]
+            out.append(t)
+            last = req.place(t, sampled=True)
+            if progress is not None:
+                progress(1)
+            if t in stop or i == n - 1:
+                break
+            logits = yield [last]
+        return out

@@ -2,6 +2,7 @@
 the heuristic's choice, and the L2-flush method's effect on the timing.
 
     python -m bench.decode_probe [--n 32768] [--ks 1,4,16,64] [--splits 8,16,32,64,128] [--out probe.jsonl]
+    python -m bench.decode_probe --plot probe.jsonl          # probe.png: time against split count (any machine)
 
 Each timing is the median of CUDA-graph replays (one decoding step: kernel plus merge) with L2 emptied before
 every replay by *reading* a buffer four times L2 (a write-flush leaves dirty lines whose write-back the timed kernel
@@ -63,7 +64,42 @@ def _read_bandwidth() -> float:
     return x.numel() * 2 / (ms * 1e-3) / 1e9
 
 
+def plot(jsonl: str) -> str:
+    """``jsonl`` -> a PNG beside it: microseconds against the split count, one line per (K, backend), the
+    heuristic's choice marked; the read-flush timings only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(jsonl) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    head, rows = lines[0], [r for r in lines[1:] if r["flush"] == "read"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (k, name), color in zip(dict.fromkeys((r["K"], r["backend"]) for r in rows), plt.cm.tab10.colors):
+        rs = [r for r in rows if r["K"] == k and r["backend"] == name]
+        fixed = sorted((r["splits"], r["ms"] * 1e3) for r in rs if r["splits"] != "auto")
+        style = "-" if name == "triton" else "--"
+        ax.plot([x for x, _ in fixed], [y for _, y in fixed], style, marker="o", color=color, label=f"K={k} {name}")
+        auto = next(r for r in rs if r["splits"] == "auto")
+        ax.axhline(auto["ms"] * 1e3, color=color, lw=0.6, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV splits (dotted: the heuristic before the probe)")
+    ax.set_ylabel("us per decoding step (graph replay)")
+    ax.set_title(f"{head['device']}: decode, N={rows[0]['n']}, Hq/Hkv 32/8, D=128, bf16", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    out = jsonl[: -len(".jsonl")] + ".png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if len(argv) == 2 and argv[0] == "--plot":
+        print(plot(argv[1]))
+        return 0
     ap = argparse.ArgumentParser(prog="python -m bench.decode_probe", description=__doc__)
     ap.add_argument("--n", type=int, default=32768)
     ap.add_argument("--ks", default="1,4,16,64")

@@ -10,18 +10,43 @@ warp-per-row kernel otherwise (float32, float64, head sizes up to 256); prefill 
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
+import sysconfig
 
 import torch
 from torch import Tensor
 
 from .reference import STRATEGIES
 
+
+def _not_built_reason() -> str:
+    """Why ``aspd_kernels._C`` cannot be imported, in words a user can act on. (Python's own message for a missing
+    submodule imported during the package's ``__init__`` -- "partially initialized module ... circular import" --
+    names a cause that is not the one.)"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(here, "_C*.so")))
+    if others:
+        return (f"the CUDA extension aspd_kernels._C was built for another Python or platform ({', '.join(others)}; "
+                f"this interpreter loads _C{suffix}): rebuild it with pip install --no-build-isolation -e .")
+    if torch.version.cuda is None:
+        return (f"the CUDA extension aspd_kernels._C is not built: torch {torch.__version__} is a CPU build, so the "
+                f"install skipped it (the Triton and torch backends remain)")
+    return ("the CUDA extension aspd_kernels._C is not built: install with pip install --no-build-isolation -e . "
+            "where nvcc is on PATH, or set ASPD_JIT=1 to build it on first import")
+
+
 _error: str | None = None
-try:
-    from . import _C  # noqa: F401  (registers the ops)
-except ImportError as exc:  # the extension is optional
-    _error = str(exc)
+if importlib.util.find_spec(f"{__package__}._C") is None:  # the extension is optional
+    _error = _not_built_reason()
+else:
+    try:
+        from . import _C  # noqa: F401  (registers the ops; the only import of _C in the package)
+    except ImportError as exc:  # built, but does not load (a torch/CUDA mismatch, a missing library)
+        _error = f"the CUDA extension aspd_kernels._C does not load: {exc}"
+if _error is not None:
     if os.environ.get("ASPD_JIT") == "1" and torch.cuda.is_available():
         try:
             from ._jit import load_extension

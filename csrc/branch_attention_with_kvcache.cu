@@ -12,7 +12,9 @@
 namespace aspd {
 namespace {
 
-// Two stages hold D=128 CTAs at ~87 KB of shared memory, two per SM; D=64 affords a third stage at ~56 KB.
+// Shared memory per CTA: D=64, three stages, ~66 KB; D=128, two stages, ~88 KB. What each architecture then holds
+// (128 threads, <= 255 registers by the launch bounds) is read from the device, not assumed: on sm_90 (227 KB) two
+// CTAs per SM at either size; on sm_80 (163 KB) two at D=64, one at D=128; on sm_86/sm_89 (99 KB) one at either.
 template <int D> constexpr int stages_for() { return D == 64 ? 3 : 2; }
 
 int row_tiles_of(const DecodeParams& p) {
@@ -20,24 +22,47 @@ int row_tiles_of(const DecodeParams& p) {
   return (rows + kMmaBM - 1) / kMmaBM;
 }
 
+// Per device ordinal (up to 64) and kernel instance: the >48 KB shared-memory opt-in, done once, and the CTAs per SM
+// that the occupancy calculator then reports. 0 = not prepared yet.
+template <typename T, int D> cudaError_t prepare_mma(int device, int* ctas_per_sm) {
+  constexpr size_t smem = MmaSmem<D, stages_for<D>()>::kBytes;
+  static std::atomic<int> per_sm[64] = {};
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  int cached = per_sm[device].load(std::memory_order_relaxed);
+  if (cached > 0) {
+    *ctas_per_sm = cached;
+    return cudaSuccess;
+  }
+  auto kernel = decode_mma_kernel<T, D, stages_for<D>()>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  int blocks = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kMmaThreads, smem);
+  if (err != cudaSuccess) return err;
+  if (blocks < 1) return cudaErrorLaunchOutOfResources;  // the CTA does not fit this GPU at all
+  per_sm[device].store(blocks, std::memory_order_relaxed);
+  *ctas_per_sm = blocks;
+  return cudaSuccess;
+}
+
+cudaError_t prepare_mma_for(const DecodeParams& p, int device, int* ctas_per_sm) {
+  const bool half = p.dtype == DType::kFloat16;
+  if (p.head_dim == 64) return half ? prepare_mma<__half, 64>(device, ctas_per_sm)
+                                    : prepare_mma<__nv_bfloat16, 64>(device, ctas_per_sm);
+  return half ? prepare_mma<__half, 128>(device, ctas_per_sm) : prepare_mma<__nv_bfloat16, 128>(device, ctas_per_sm);
+}
+
 template <typename T, int D> cudaError_t launch_mma(const DecodeParams& p, cudaStream_t stream) {
   constexpr int S = stages_for<D>();
   constexpr size_t smem = MmaSmem<D, S>::kBytes;
-  auto kernel = decode_mma_kernel<T, D, S>;
-  // More than 48 KB of dynamic shared memory must be opted into, once per device (a bit per device ordinal).
-  static std::atomic<uint64_t> opted_in{0};
-  int device = 0;
+  int device = 0, ctas_per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
-  if (bit == 0 || !(opted_in.load(std::memory_order_relaxed) & bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-    opted_in.fetch_or(bit, std::memory_order_relaxed);
-  }
+  err = prepare_mma<T, D>(device, &ctas_per_sm);  // the opt-in, once per device (a no-op after the first call)
+  if (err != cudaSuccess) return err;
   const int row_tiles = row_tiles_of(p);
   const dim3 grid(unsigned(p.hkv * p.num_splits * row_tiles), unsigned(p.batch));
-  kernel<<<grid, kMmaThreads, smem, stream>>>(p, row_tiles);
+  decode_mma_kernel<T, D, S><<<grid, kMmaThreads, smem, stream>>>(p, row_tiles);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = int64_t(p.batch) * p.lq * p.hq;
@@ -67,16 +92,18 @@ cudaError_t plan_decode(DecodeParams& p, int force_splits, int device) {
     p.num_splits = force_splits;
     return cudaSuccess;
   }
-  int sms = 0;
+  int sms = 0, ctas_per_sm = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  // Only shapes are known on the host (cache_seqlens stays on the device): size the splits for the capacity,
-  // fill one wave of two CTAs per SM without starting a second, partial one (rounding up gave 288 CTAs for 264
-  // slots at K = 64: 503 us against 337 us with 8 splits, measured on an H100, bench/results/*decode-probe*),
+  err = prepare_mma_for(p, device, &ctas_per_sm);
+  if (err != cudaSuccess) return err;
+  // Only shapes are known on the host (cache_seqlens stays on the device): size the splits for the capacity, fill
+  // one wave of the CTAs the device holds per SM without starting a second, partial one (rounding up gave 288
+  // CTAs for 264 slots at K = 64 on an H100: 503 us against 337 us with 8 splits, bench/results/*decode-probe*),
   // and keep at least four 64-key tiles per split so that the partials stay small next to the KV bytes. Each CTA
   // re-divides its own sequence's tiles among the splits on the device.
   const int64_t ctas = int64_t(p.batch) * p.hkv * row_tiles_of(p);
-  const int64_t want = 2 * int64_t(sms) / ctas;
+  const int64_t want = int64_t(ctas_per_sm) * sms / ctas;
   const int64_t cap_tiles = (int64_t(p.capacity) + kMmaBN - 1) / kMmaBN;
   const int64_t most = cap_tiles / 4 > 1 ? cap_tiles / 4 : 1;
   int64_t splits = want < most ? want : most;

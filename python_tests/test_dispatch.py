@@ -91,3 +91,14 @@ def test_decode_on_tensor_cores_mirrors_the_extension(dtype, d, view, expect):
     else:
         k = torch.empty(1, 32, 2, d + 1, dtype=dtype)[..., :d]
     assert _cuda.decode_on_tensor_cores(q, k, k) is expect
+
+
+def test_missing_extension_is_explained():
+    """Without the CUDA extension, the reason names it and what to do -- not Python's 'partially initialized
+    module ... circular import', which the bare import of a missing submodule during __init__ reports."""
+    from aspd_kernels import _cuda
+
+    if _cuda.load_error() is None:
+        pytest.skip("the CUDA extension is built and loads here")
+    err = _cuda.load_error()
+    assert "aspd_kernels._C" in err and "circular" not in err

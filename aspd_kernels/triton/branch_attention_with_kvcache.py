@@ -30,7 +30,9 @@ _MAX_SPLITS = 64
 _MERGE_ROWS = 32  # (token, head) rows merged per program: 32 x D floats of accumulator
 
 
-@triton.jit
+# Lengths and counts vary from step to step and from pack to pack: specialising on their value (== 1, % 16) would
+# compile a new kernel for the same code; the strides keep their alignment hints.
+@triton.jit(do_not_specialize=["Lq", "capacity", "block_size", "num_blocks", "row_tiles", "num_splits"])
 def _decode_kernel(
     Q, K, V, SEG, BR, CACHE_SEQLENS, Q_SEQLENS, BLOCK_TABLE, OUT, O_PART, LSE_PART,
     qk_scale,
@@ -85,7 +87,12 @@ def _decode_kernel(
     # this split's slice of [0, n), in whole tiles
     chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
     lo = sp * chunk
-    hi = tl.minimum(lo + chunk, n)
+    # no key past this tile's last live query is visible to it; a tile with no live row (q_seqlens below Lq, the
+    # padding rows of a CUDA-graph bucket) reads nothing
+    first_i = (mt * BLOCK_M) // G
+    last_i = tl.minimum(((mt + 1) * BLOCK_M - 1) // G, lq - 1)
+    hi = tl.minimum(tl.minimum(lo + chunk, n), n - lq + last_i + 1)
+    hi = tl.where(first_i < lq, hi, lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -143,7 +150,7 @@ def _decode_kernel(
         tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "Hq", "capacity", "num_splits"])
 def _merge_kernel(
     O_PART, LSE_PART, OUT, CACHE_SEQLENS, Q_SEQLENS,
     stride_ps, stride_pb, stride_pi, stride_ph,

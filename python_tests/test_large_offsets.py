@@ -151,7 +151,7 @@ def test_prefill_packed_rows_beyond_2_31():
     (``cu_seqlens`` are int32, so a token index fits; its product with a stride does not.)
 
     Fails when ``seq_bounds`` returns int32 starts (forward, dK/dV, dQ), and without the int64 rows of
-    ``_bwd_preprocess_kernel`` (the kernel before this test: ``rows * stride_ot`` wrapped)."""
+    ``bwd_preprocess_kernel`` (the kernel before this test: ``rows * stride_ot`` wrapped)."""
     lens, hq, hkv, d = [36, 28], 4, 2, 32
     total, stride_t = sum(lens), (1 << 26) + 64
     assert lens[0] * stride_t >= INT32_LIMIT

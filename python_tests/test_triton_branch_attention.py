@@ -21,7 +21,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = [
     pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                        reason="TRITON_INTERPRET=0 and no CUDA device: the triton kernels cannot run"),
-    pytest.mark.skipif(INTERPRET and type(tba._fwd_kernel).__name__ != "InterpretedFunction",
+    pytest.mark.skipif(INTERPRET and type(tba.fwd_kernel).__name__ != "InterpretedFunction",
                        reason="aspd_kernels.triton was imported before TRITON_INTERPRET=1 was set"),
 ]
 

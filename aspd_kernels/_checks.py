@@ -47,9 +47,27 @@ def heads(q_name: str, hq: int, kv_name: str, hkv: int) -> None:
         raise ValueError(f"the head count of {q_name} ({hq}) must be a multiple of that of {kv_name} ({hkv})")
 
 
-def head_dim(name: str, d: int, backend: str) -> None:
-    if backend != "torch" and d not in (32, 64, 96, 128, 256):
-        raise ValueError(f"{name}: head size {d} is not supported by the {backend} backend (32, 64, 96, 128, 256)")
+# Head sizes per backend, as (predicate, rule in words). torch runs any. triton: FlashAttention's rule, every
+# multiple of 8 up to 256 -- its kernels pad D to a power of two >= 16 with masked loads and stores (what the tests
+# and the AOT specs cover), and past 256 the tiles no longer fit registers and shared memory. cuda: the decode
+# extension's own check (csrc/ops.cpp: 1..256; tensor cores for 64/128, the generic kernel for the rest).
+_HEAD_SIZES = {
+    "torch": (lambda d: d >= 1, "any positive size"),
+    "triton": (lambda d: 8 <= d <= 256 and d % 8 == 0, "multiples of 8 from 8 to 256"),
+    "cuda": (lambda d: 1 <= d <= 256, "1 to 256"),
+}
+
+
+def head_dim_refusals(name: str, d: int, backends=tuple(_HEAD_SIZES)) -> dict[str, str]:
+    """``{backend: message}`` for each of ``backends`` that cannot run head size ``d`` (the last dimension of the
+    tensor ``name``); ``_dispatch.resolve`` passes over them under ``auto`` and raises the message when one is
+    forced."""
+    refusals = {}
+    for backend in backends:
+        runs, rule = _HEAD_SIZES[backend]
+        if not runs(d):
+            refusals[backend] = f"{name}: head size {d} is not supported by backend={backend!r} ({rule})"
+    return refusals
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

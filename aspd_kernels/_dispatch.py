@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from types import ModuleType
 
 import torch
@@ -61,21 +62,28 @@ def has_backend(name: str, op: str) -> bool:
     return module is not None and hasattr(module, op)
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None, avoid: frozenset[str] = frozenset()) -> str:
+def resolve(op: str, device: torch.device, backend: str | None = None, avoid: frozenset[str] = frozenset(),
+            refusals: Mapping[str, str] | None = None) -> str:
     """Name of the backend that runs ``op`` on tensors of ``device``.
 
     ``backend`` (argument) wins over ``ASPD_BACKEND`` (environment), which wins over ``"auto"``. ``auto`` picks
     cuda, then triton, for CUDA tensors and torch for CPU tensors, passing over the backends in ``avoid`` (the
     caller's knowledge that, for these inputs, a backend would only run a slow fallback) while another can run.
+    ``refusals`` maps each backend that cannot run these inputs at all (a head size outside its range, see
+    ``_checks.head_dim_refusals``) to a message naming the argument: ``auto`` never picks one and falls back to the
+    next (torch last, on any device); a forced one raises ``ValueError`` with that message.
     Raises ``ValueError`` when a forced backend cannot run here, rather than falling back silently; ``avoid``
     never overrides a forced backend.
     """
+    refusals = refusals or {}
     requested = backend or os.environ.get("ASPD_BACKEND") or "auto"
     if requested == "auto":
         if device.type == "cuda":
-            usable = [name for name in ("cuda", "triton") if has_backend(name, op)]
+            usable = [name for name in ("cuda", "triton") if has_backend(name, op) and name not in refusals]
             if usable:
                 return next((name for name in usable if name not in avoid), usable[0])
+        if "torch" in refusals:  # not even the fallback runs these inputs
+            raise ValueError(refusals["torch"])
         return "torch"
     if requested not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}")
@@ -86,8 +94,15 @@ def resolve(op: str, device: torch.device, backend: str | None = None, avoid: fr
     if requested == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device.type}")
     if not has_backend(requested, op):
-        why = "the CUDA extension aspd_kernels._C is not built" if requested == "cuda" else "it is not importable"
+        if requested == "cuda" and _load("cuda") is None:
+            why = "the CUDA extension aspd_kernels._C is not built"
+        elif requested == "cuda":
+            why = "the CUDA extension has no kernel for it"
+        else:
+            why = "it is not importable"
         raise ValueError(f"backend={requested!r} cannot run {op}: {why}")
+    if requested in refusals:
+        raise ValueError(refusals[requested])
     return requested
 
 

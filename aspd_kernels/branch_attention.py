@@ -132,8 +132,8 @@ def branch_attention(
             f"cu_seqlens_q and cu_seqlens_k must hold B + 1 entries each, got {cu_seqlens_q.shape[0]} and "
             f"{cu_seqlens_k.shape[0]}"
         )
-    name = resolve("branch_attention_fwd", dev, backend)
-    chk.head_dim("q", d, name)
+    # a backend that cannot run this head size is passed over by auto (falling back to torch), refused when forced
+    name = resolve("branch_attention_fwd", dev, backend, refusals=chk.head_dim_refusals("q", d))
     check = chk.values_checkable(check_values)
     chk.cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, check)
     chk.cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, check)

@@ -127,9 +127,11 @@ def branch_attention_with_kvcache(
     # auto: the CUDA extension only for what its tensor-core kernel covers; its generic kernel stays for float64
     # (Triton computes in float32 at most) and for an explicit backend="cuda"
     slow_cuda = q.dtype != torch.float64 and not _cuda.decode_on_tensor_cores(q, k_cache, v_cache)
+    # (head sizes off the tensor-core kernel land here: D = 80 goes to Triton, D = 12 to the generic CUDA kernel,
+    # which Triton refuses); a head size no GPU backend runs falls back to torch, or raises when one is forced
     name = resolve("branch_attention_with_kvcache", q.device, backend,
-                   avoid=frozenset({"cuda"}) if slow_cuda else frozenset())
-    chk.head_dim("q", q.shape[-1], name)
+                   avoid=frozenset({"cuda"}) if slow_cuda else frozenset(),
+                   refusals=chk.head_dim_refusals("q", q.shape[-1]))
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _branch_attention_with_kvcache(
         chk.last_dim_contiguous(q), chk.last_dim_contiguous(k_cache), chk.last_dim_contiguous(v_cache),

@@ -92,10 +92,16 @@ def _check_dtype(q: torch.Tensor) -> None:
         raise TypeError(f"q: the triton backend of branch_attention runs float16/bfloat16/float32, got {q.dtype}")
 
 
+def block_d(head_dim: int) -> int:
+    """The head dimension padded to a power of two, at least 16 (the K extent of a ``tl.dot``); the kernels mask
+    the lanes ``>= head_dim`` on every load and store."""
+    return max(triton.next_power_of_2(head_dim), 16)
+
+
 def _common(q: torch.Tensor) -> dict:
     fp32 = q.dtype == torch.float32
     return dict(
-        HEAD_DIM=q.shape[-1], BLOCK_D=max(triton.next_power_of_2(q.shape[-1]), 16), UPCAST=_interpreting(),
+        HEAD_DIM=q.shape[-1], BLOCK_D=block_d(q.shape[-1]), UPCAST=_interpreting(),
         # full fp32 products for fp32 inputs (tf32 would lose ~3 digits); fp16/bf16 ignore the setting
         DOT_PRECISION="ieee" if fp32 else "tf32",
     )
@@ -203,16 +209,21 @@ def branch_attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (.ci/aot_compile_triton.py): every kernel with the GPU tile table, for the dtypes and
-# head sizes that matter (fp16/bf16, D = 64 and 128), GQA group 4.
+# Ahead-of-time compile specs (.ci/aot_compile_triton.py): every kernel with the GPU tile table, GQA group 4, for
+# the head sizes that matter (D = 64 and 128, fp16 and bf16) and two that pad (bf16 only: the padding does not
+# depend on the dtype): D = 16 (BLOCK_D 16, the tl.dot minimum) and D = 80 (phi-2; BLOCK_D 128, 48 masked lanes).
+
+_AOT_HEAD_SIZES = {"fp16": (64, 128), "bf16": (16, 64, 80, 128)}
+
 
 def _aot_specs() -> list[dict]:
     specs = []
     i32, f32 = "i32", "fp32"
     for dt, torch_dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         ptr = f"*{dt}"
-        for d in (64, 128):
-            common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=d, UPCAST=False, DOT_PRECISION="tf32")
+        for d in _AOT_HEAD_SIZES[dt]:
+            bd = block_d(d)
+            common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=bd, UPCAST=False, DOT_PRECISION="tf32")
             fc, (kc, qc) = gpu_fwd_config(d, torch_dt), gpu_bwd_configs(d, torch_dt)
             ids = {n: "*i32" for n in ("SEG", "BR", "CU_Q", "CU_K")}
             sizes = {n: i32 for n in ("total_q", "total_k", "max_seqlen_q", "max_seqlen_k")}
@@ -229,7 +240,7 @@ def _aot_specs() -> list[dict]:
                 name=f"branch_attention_bwd_preprocess_{dt}_d{d}", fn=bwd_preprocess_kernel,
                 signature={"OUT": ptr, "DOUT": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **strides("o", "do"),
                            "stride_lh": i32, "total_q": i32},
-                constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_T=_preprocess_rows(d), HAS_DLSE=True),
+                constexprs=dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_T=_preprocess_rows(bd), HAS_DLSE=True),
             ))
             bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", **ids,
                        "LISTS": "*i32", "COUNTS": "*i32"}

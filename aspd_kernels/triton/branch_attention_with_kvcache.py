@@ -207,11 +207,13 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _tiles(rows: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): every row in one tile up to 128 (64 for D = 256), tl.dot needs >= 16."""
-    block_m = min(max(16, triton.next_power_of_2(rows)), 64 if head_dim > 128 else 128)
-    block_n = 32 if head_dim > 128 or block_m >= 128 else 64
-    return block_m, block_n, 8 if block_m * head_dim >= 128 * 128 else 4
+def _tiles(rows: int, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for ``rows`` query rows and the padded head dimension ``block_d`` (registers
+    and shared memory grow with the padded width, so D = 80 is tiled as 128): every row in one tile up to 128 (64
+    for D = 256), tl.dot needs >= 16."""
+    block_m = min(max(16, triton.next_power_of_2(rows)), 64 if block_d > 128 else 128)
+    block_n = 32 if block_d > 128 or block_m >= 128 else 64
+    return block_m, block_n, 8 if block_m * block_d >= 128 * 128 else 4
 
 
 def splits_for(programs: int, sms: int, capacity: int) -> int:
@@ -238,18 +240,25 @@ def num_splits_for(batch: int, hkv: int, row_tiles: int, capacity: int, device: 
     return splits_for(batch * hkv * row_tiles, sms, capacity)
 
 
-def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table,
-                                  softmax_scale, num_splits: int | None = None):
-    """Backend entry point (see ``aspd_kernels._dispatch``); ``num_splits`` forces the split count (tests)."""
+def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  cache_seqlens: torch.Tensor, segment: torch.Tensor, branch: torch.Tensor,
+                                  q_seqlens: torch.Tensor, block_table: torch.Tensor | None, softmax_scale: float,
+                                  num_splits: int | None = None, *, out: torch.Tensor | None = None
+                                  ) -> torch.Tensor:
+    """Backend entry point (see ``aspd_kernels._dispatch``): ``out [B, Lq, Hq, D]`` in q's dtype from
+    ``q [B, Lq, Hq, D]``, ``k_cache, v_cache [B, Ncap, Hkv, D]`` (paged: ``[num_blocks, block_size, Hkv, D]``),
+    ``cache_seqlens, q_seqlens int32 [B]``, ``segment, branch int32`` shaped as the cache's first two dimensions.
+    ``num_splits`` forces the split count (tests); ``out`` is an optional preallocated output (any strides, last
+    one 1), every element of which is written."""
     bsz, lq, hq, d = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if out.numel() == 0:
         return out
-    block_m, block_n, warps = _tiles(lq * g, d)
+    block_m, block_n, warps = _tiles(lq * g, _block_d(d))
     row_tiles = triton.cdiv(lq * g, block_m)
     splits = num_splits or num_splits_for(bsz, hkv, row_tiles, capacity, q.device)
     splits = max(1, min(int(splits), triton.cdiv(max(capacity, 1), block_n)))
@@ -289,8 +298,13 @@ def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, b
     return out
 
 
+# D = 64/128 in fp16 and bf16; and, in bf16 only (the padding does not depend on the dtype), two head sizes that
+# pad: D = 16 (BLOCK_D 16, the tl.dot minimum) and D = 80 (phi-2; BLOCK_D 128, 48 masked lanes)
+_AOT_HEAD_SIZES = {"fp16": (64, 128), "bf16": (16, 64, 80, 128)}
+
+
 def _aot_specs() -> list[dict]:
-    """Decode (G = 4, 256 rows: 64 branches) and merge kernels, fp16/bf16, D = 64/128. ``paged`` and ``split``
+    """Decode (G = 4, 256 rows: 64 branches) and merge kernels for ``_AOT_HEAD_SIZES``. ``paged`` and ``split``
     each change the code; one contiguous-unsplit and one paged-split variant compile both paths in half the time."""
     ints = ("stride_qb stride_qi stride_qh stride_kb stride_kn stride_kh stride_vb stride_vn stride_vh stride_sb "
             "stride_bt stride_ob stride_oi stride_oh stride_ps stride_pb stride_pi stride_ph stride_ls stride_lb "
@@ -299,22 +313,23 @@ def _aot_specs() -> list[dict]:
                   "stride_oh Lq Hq capacity num_splits").split()
     specs = []
     for dtype in ("fp16", "bf16"):
-        for d in (64, 128):
-            block_m, block_n, warps = _tiles(64 * 4, d)
+        for d in _AOT_HEAD_SIZES[dtype]:
+            bd = _block_d(d)
+            block_m, block_n, warps = _tiles(64 * 4, bd)
             for paged, split in ((False, False), (True, True)):
                 sig = {name: "*i32" for name in ("SEG", "BR", "CACHE_SEQLENS", "Q_SEQLENS", "BLOCK_TABLE")}
                 sig.update({name: f"*{dtype}" for name in ("Q", "K", "V", "OUT")})
                 sig.update(O_PART="*fp32", LSE_PART="*fp32", qk_scale="fp32", **{name: "i32" for name in ints})
                 specs.append(dict(
                     name=f"decode_{dtype}_d{d}{'_paged_split' if paged else ''}", fn=_decode_kernel, signature=sig,
-                    num_warps=warps, constexprs=dict(G=4, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                    num_warps=warps, constexprs=dict(G=4, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n,
                                                      PAGED=paged, SPLIT=split, CAST_F32=False,
                                                      DOT_PRECISION="tf32"),
                 ))
             sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dtype}", "CACHE_SEQLENS": "*i32",
                    "Q_SEQLENS": "*i32", **{name: "i32" for name in merge_ints}}
             specs.append(dict(name=f"decode_merge_{dtype}_d{d}", fn=_merge_kernel, signature=sig,
-                              constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=_MERGE_ROWS)))
+                              constexprs=dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_R=_MERGE_ROWS)))
     return specs
 
 

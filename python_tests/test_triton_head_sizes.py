@@ -107,11 +107,12 @@ def test_prefill_forward_and_backward(d, dtype):
         assert_written_inside(g, name)
 
 
-def guarded_cache(d: int, batch: int, hkv: int, paged: bool = False):
-    """``make_cache`` (float32, up to ~40 tokens) with NaN guard lanes after every row of k and v. Returns the cache
-    dict (its ``logical`` tensors for the reference; slice them to ``[..., :d]``) and the device tensors
+def guarded_cache(d: int, batch: int, hkv: int, paged: bool = False, max_tokens: int = 40):
+    """``make_cache`` (float32) with NaN guard lanes after every row of k and v. Returns the cache dict (its
+    ``logical`` tensors for the reference; slice them to ``[..., :d]``) and the device tensors
     ``(k_cache, v_cache, segment, branch, cache_seqlens, block_table)``."""
-    cache = make_cache(d, batch=batch, hkv=hkv, d=d + guard(d), dtype=torch.float32, paged=paged, max_tokens=40)
+    cache = make_cache(d, batch=batch, hkv=hkv, d=d + guard(d), dtype=torch.float32, paged=paged,
+                       max_tokens=max_tokens)
     k_cache, v_cache = (cache[n].to(DEVICE)[..., :d] for n in ("k_cache", "v_cache"))
     guard_lanes(k_cache).fill_(float("nan"))
     guard_lanes(v_cache).fill_(float("nan"))
@@ -132,7 +133,11 @@ def decode_reference(cache: dict, q: torch.Tensor, q_seqlens: torch.Tensor | Non
 def test_decode(d):
     """Contiguous cache in one split, and paged with three splits (the merge kernel pads D too)."""
     paged = d in (8, 40, 112)
-    cache, (k_cache, v_cache, seg, br, lens, table) = guarded_cache(d, batch=2, hkv=2, paged=paged)
+    # paged: a cache long enough for three splits of 64-slot tiles, else the launcher clamps them to one
+    cache, (k_cache, v_cache, seg, br, lens, table) = guarded_cache(d, batch=2, hkv=2, paged=paged,
+                                                                    max_tokens=200 if paged else 40)
+    if paged:
+        assert table.shape[1] * k_cache.shape[1] > 2 * 64
     q = guarded((2, 3, 4), d, torch.float32, torch.randn(2, 3, 4, d))
     q_seqlens = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
     out = guarded((2, 3, 4), d, torch.float32)

@@ -46,6 +46,9 @@ ATTENTION_CASES = [
     ("branch", ValueError, lambda a: with_(a, branch=a["branch"] - 3)),
     ("backend", ValueError, lambda a: with_(a, backend="cudnn")),
     ("backend='cuda'", ValueError, lambda a: with_(a, backend="cuda")),
+    # no backend runs an empty head (auto's last resort refuses too), rather than a ZeroDivisionError in the scale
+    ("q: head size 0 is not supported", ValueError,
+     lambda a: with_(a, q=a["q"][..., :0], k=a["k"][..., :0], v=a["v"][..., :0])),
 ]
 
 
@@ -81,6 +84,8 @@ KV_CASES = [
     ("segment", ValueError, lambda a: with_(a, segment=a["segment"][:, :5])),
     ("block_table", TypeError, lambda a: with_(a, block_table=torch.zeros(2, 4))),
     ("branch", ValueError, lambda a: with_(a, branch=torch.full_like(a["branch"], -1))),
+    ("q: head size 0 is not supported", ValueError,
+     lambda a: with_(a, q=a["q"][..., :0], k_cache=a["k_cache"][..., :0], v_cache=a["v_cache"][..., :0])),
 ]
 
 

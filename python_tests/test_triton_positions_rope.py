@@ -165,6 +165,14 @@ def test_rope_int64_positions_and_many_heads():
     rope_vs(R.rope_append_kv, args, caches, cos_sin)
 
 
+@pytest.mark.parametrize("d, rot_dim", [(8, 8), (40, 40), (80, 32), (112, 112)])
+def test_rope_head_sizes_that_pad(d, rot_dim):
+    """Head sizes that are not powers of two (the kernel pads them to BLOCK_D and masks), with phi-2's partial
+    rotary (32 of 80 features rotated): every cache lane outside the new tokens' heads must stay as it was."""
+    args, caches = rope_case(20 + d, d % 16 == 0, torch.float32, d=d)
+    rope_vs(R.rope_append_kv, args, caches, rope_cos_sin_cache(inv_freq(rot_dim), 256))
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_rope_unchecked_bad_values_stay_in_bounds(paged):
     """Positions outside [0, P) are clamped; slots beyond the capacity or before 0 are not written: the triton

@@ -58,13 +58,11 @@ _HEAD_SIZES = {
 }
 
 
-def head_dim_refusals(name: str, d: int, backends=tuple(_HEAD_SIZES)) -> dict[str, str]:
-    """``{backend: message}`` for each of ``backends`` that cannot run head size ``d`` (the last dimension of the
-    tensor ``name``); ``_dispatch.resolve`` passes over them under ``auto`` and raises the message when one is
-    forced."""
+def head_dim_refusals(name: str, d: int) -> dict[str, str]:
+    """``{backend: message}`` for each backend that cannot run head size ``d`` (the last dimension of the tensor
+    ``name``); ``_dispatch.resolve`` passes over them under ``auto`` and raises the message when one is forced."""
     refusals = {}
-    for backend in backends:
-        runs, rule = _HEAD_SIZES[backend]
+    for backend, (runs, rule) in _HEAD_SIZES.items():
         if not runs(d):
             refusals[backend] = f"{name}: head size {d} is not supported by backend={backend!r} ({rule})"
     return refusals

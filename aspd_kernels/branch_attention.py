@@ -133,7 +133,10 @@ def branch_attention(
             f"{cu_seqlens_k.shape[0]}"
         )
     # a backend that cannot run this head size is passed over by auto (falling back to torch), refused when forced
-    name = resolve("branch_attention_fwd", dev, backend, refusals=chk.head_dim_refusals("q", d))
+    refusals = chk.head_dim_refusals("q", d)
+    if q.dtype == torch.float64:  # Triton computes in float32 at most: float64 stays on the torch backend
+        refusals.setdefault("triton", "q: backend='triton' runs float16/bfloat16/float32, got torch.float64")
+    name = resolve("branch_attention_fwd", dev, backend, refusals=refusals)
     check = chk.values_checkable(check_values)
     chk.cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, check)
     chk.cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, check)

@@ -188,3 +188,23 @@ def test_public_ops_hand_their_head_size_to_dispatch(op_module, op_name, monkeyp
         module.branch_attention_with_kvcache(q[None, -2:], q[None], q[None], torch.tensor([6], dtype=torch.int32),
                                              seg[None], seg[None])
     assert seen == [({"triton"}, "torch")]
+
+
+def test_float64_prefill_on_cuda_stays_off_triton(monkeypatch):
+    """Triton computes in float32 at most: float64 prefill on CUDA tensors resolves to torch under auto (the
+    extension has no prefill kernel) instead of Triton raising a TypeError. The spy resolves for a CUDA device."""
+    monkeypatch.delenv("ASPD_BACKEND", raising=False)
+    module = importlib.import_module("aspd_kernels.branch_attention")
+    real = _dispatch.resolve
+    seen = []
+
+    def spy(op, device, backend=None, avoid=frozenset(), refusals=None):
+        seen.append(real(op, torch.device("cuda"), backend, avoid, refusals))
+        return real(op, device, backend, avoid, refusals)
+
+    monkeypatch.setattr(module, "resolve", spy)
+    seg = torch.zeros(6, dtype=torch.int32)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    q = torch.randn(6, 2, 16, dtype=torch.float64)
+    module.branch_attention(q, q, q, seg, seg, cu, cu, 6, 6)
+    assert seen == ["torch"]

@@ -58,7 +58,7 @@ class Driver:
         # value checks read the device (a sync per op); the engine validates its own inputs on the host
         self.check_values = (not on_cuda) if check_values is None else check_values
         if cuda_graphs is None:
-            cuda_graphs = on_cuda and max_batch == 1 and _capturable(self.device)
+            cuda_graphs = on_cuda and max_batch == 1 and _capturable(self.device, cfg.head_dim)
         if cuda_graphs and (not on_cuda or max_batch != 1):
             raise ValueError("cuda_graphs=True needs the model on a CUDA device and max_batch=1")
         self.graphs = DecodeGraphs(model, self.cache) if cuda_graphs else None
@@ -190,11 +190,15 @@ def positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _capturable(device: torch.device) -> bool:
-    """CUDA graphs need ops without host syncs: the Triton or CUDA backend, not the torch fallback."""
+def _capturable(device: torch.device, head_dim: int) -> bool:
+    """CUDA graphs need ops without host syncs: the Triton or CUDA backend, not the torch fallback (which ``auto``
+    also takes for a head size no GPU backend runs)."""
+    from .._checks import head_dim_refusals
     from .._dispatch import resolve
 
+    refusals = head_dim_refusals("q", head_dim)
     try:
-        return all(resolve(op, device) != "torch" for op in ("rope_append_kv", "branch_attention_with_kvcache"))
+        return all(resolve(op, device, refusals=refusals) != "torch"
+                   for op in ("rope_append_kv", "branch_attention_with_kvcache"))
     except ValueError:
         return False

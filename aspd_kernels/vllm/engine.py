@@ -1,0 +1,256 @@
+"""``VllmDecoder``: ``ParallelDecoder``'s modes (``generate_serial``, ``generate_branches``, ``generate``,
+``generate_plan`` and their ``*_batch`` forms) with vLLM's engine doing every forward pass.
+
+How a forward pass runs. The decoder's programs (``aspd_kernels.decoder``) keep each request's sequence on the host
+in storage order with its segment, branch and rotary position per slot, and ask, once per step, for the logits of
+some slots ("rows": one per live branch, or the last serial token). Here each row becomes one vLLM request whose
+prompt is the sequence up to that row, with the layout attached (``layout.encode``), ``max_tokens=1`` and every
+logprob returned; all rows of all requests of a step go to the engine together, so one engine step advances every
+live branch of every request. The plugin's backend applies the branch mask and the model runner the remapped
+positions. vLLM's prefix cache, keyed on tokens *and* layout, holds every full block already computed: the shared
+prefix is computed once for all branches, and at the join the text after a section reads the branches' KV from the
+blocks their own rows computed (no re-prefill of the branches; only the row's trailing partial block, under
+``block_size`` tokens, is recomputed). Sampling (greedy, temperature, top-k/p, the ASPD grammar) is the decoder's,
+on the returned log-probabilities: a log-softmax shifts each row by a constant, which none of them sees.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import os
+import threading
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..decoder.engine import ParallelDecoder
+from ..decoder.request import Request
+from ..tokens import AspdTokens
+from .layout import encode
+
+
+class _Loop:
+    """An asyncio loop on a daemon thread, holding the AsyncLLM; sync callers block on its futures."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="aspd-vllm-loop")
+        self.thread.start()
+
+    def run(self, coro, timeout: float | None):
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"the vLLM engine gave no answer within {timeout} s") from None
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _omp_bind(tp: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` CPU workers: the cores split in ``tp`` ranges ("0|1" on 2 cores);
+    vLLM's default asks for one NUMA node per worker, which a small machine lacks."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    per = max(1, len(cores) // tp)
+    groups = [cores[i * per:(i + 1) * per] or cores[-1:] for i in range(tp)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+class VllmDecoder(ParallelDecoder):
+    """``ParallelDecoder`` over a vLLM engine (``AsyncLLM``; the plugin of this package must be installed, which
+    ``pip install`` of the package does through its entry point).
+
+    model: a local Hugging Face directory. max_model_len: slots of one request (prompt, branches, text after).
+    max_branches: the most branches one parallel section may have. max_batch: requests per ``*_batch`` call.
+    request_timeout_s: a step that gets no answer within it raises ``TimeoutError`` instead of hanging.
+    engine_kwargs: passed to vLLM's ``AsyncEngineArgs`` (e.g. ``tensor_parallel_size=2``).
+    Construct it under ``if __name__ == "__main__":`` in scripts: vLLM spawns its engine processes.
+    """
+
+    def __init__(self, model: str, *, max_model_len: int = 2048, max_branches: int = 16, max_batch: int = 64,
+                 dtype: str = "float32", block_size: int = 32, gpu_memory_utilization: float = 0.2,
+                 tensor_parallel_size: int = 1, request_timeout_s: float = 600.0, **engine_kwargs: Any) -> None:
+        if max_branches < 1:
+            raise ValueError(f"max_branches must be >= 1, got {max_branches}")
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        with open(os.path.join(model, "config.json")) as f:
+            cfg = json.load(f)
+        self.vocab_size = int(cfg["vocab_size"])
+        self.max_seq_len = max_model_len - 1  # vLLM needs room for the one token each row request samples
+        self.max_position = int(cfg.get("max_position_embeddings", max_model_len))
+        self.max_branches, self.max_batch = max_branches, max_batch
+        self.device, self.dtype = torch.device("cpu"), torch.float32  # where the returned log-probs live
+        self.cache = self.graphs = None
+        self.check_values = False
+        self.timeout = request_timeout_s
+        self._ids = itertools.count()
+        if tensor_parallel_size > 1:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _omp_bind(tensor_parallel_size))
+        self._loop = _Loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_batch, thread_name_prefix="aspd-req")
+        args = dict(model=model, skip_tokenizer_init=True, dtype=dtype, max_model_len=max_model_len,
+                    block_size=block_size, enable_prefix_caching=True, max_logprobs=-1,
+                    gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
+        args.update(engine_kwargs)
+        self.engine = self._loop.run(self._start(args), request_timeout_s)
+
+    @staticmethod
+    async def _start(args: dict):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    def close(self) -> None:
+        """Shut the engine down (its processes exit) and stop the loop thread."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self._pool.shutdown(wait=False)
+        self._loop.stop()
+
+    def __enter__(self) -> "VllmDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ checks before the engine runs
+    def generate_branches_batch(self, prefix_ids, branch_prompts, *args, **kwargs):
+        for i, prompts in enumerate(branch_prompts):
+            tag = "" if len(branch_prompts) == 1 else f"[{i}]"
+            if len(prompts) > self.max_branches:
+                raise ValueError(f"branch_prompts{tag} holds {len(prompts)} branches, more than "
+                                 f"max_branches={self.max_branches}")
+        for i, p in enumerate(prefix_ids):
+            self._fits(f"prefix_ids{'' if len(prefix_ids) == 1 else f'[{i}]'}", p)
+        return super().generate_branches_batch(prefix_ids, branch_prompts, *args, **kwargs)
+
+    def generate_batch(self, prompt_ids, max_new_tokens, tokens, *args, **kwargs):
+        if not isinstance(tokens, AspdTokens):
+            raise ValueError(f"tokens must be AspdTokens, got {type(tokens).__name__}")
+        bad = [t for t in tokens.as_tuple() if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"tokens: the model's vocabulary ({self.vocab_size} ids) lacks the ASPD tokens {bad}")
+        for i, p in enumerate(prompt_ids):
+            self._fits(f"prompt_ids{'' if len(prompt_ids) == 1 else f'[{i}]'}", p)
+        return super().generate_batch(prompt_ids, max_new_tokens, tokens, *args, **kwargs)
+
+    def generate_serial(self, prompt_ids, *args, **kwargs):
+        self._fits("prompt_ids", prompt_ids)
+        return super().generate_serial(prompt_ids, *args, **kwargs)
+
+    def generate_plan_batch(self, prompt_ids, *args, **kwargs):
+        for i, p in enumerate(prompt_ids):
+            self._fits(f"prompt_ids{'' if len(prompt_ids) == 1 else f'[{i}]'}", p)
+        return super().generate_plan_batch(prompt_ids, *args, **kwargs)
+
+    def _fits(self, name: str, ids: Sequence[int] | Tensor) -> None:
+        n = ids.numel() if isinstance(ids, Tensor) else len(ids)
+        if n > self.max_seq_len:
+            raise ValueError(f"{name} holds {n} tokens, more than max_model_len - 1 = {self.max_seq_len}")
+
+    def _open_branches(self, req: Request, prompts: list[list[int]], width: int) -> list[int]:
+        # the model-driven mode learns its branch count only when the model writes <|para|>
+        if len(prompts) > self.max_branches:
+            raise ValueError(f"the model opened {len(prompts)} branches, more than max_branches="
+                             f"{self.max_branches}")
+        return ParallelDecoder._open_branches(req, prompts, width)
+
+    def _requests(self, n: int, strategy: str) -> list[Request]:
+        if n > self.max_batch:
+            raise ValueError(f"{n} requests exceed max_batch={self.max_batch}")
+        reqs = [Request(self.max_seq_len, self.max_position, strategy, row=b) for b in range(n)]
+        t0 = self._sync()
+        for r in reqs:
+            r.t0 = t0
+        return reqs
+
+    # ------------------------------------------------------------------ forward pass
+    def _feed(self, asks: list[tuple[Request, list[int]]]) -> list[Tensor | None]:
+        """One engine step: a vLLM request per asked row, all submitted together; per request the float32
+        log-probs ``[len(rows), V]`` of its rows (None when it asks for none)."""
+        if self.engine is None:
+            raise RuntimeError("the engine is closed")
+        outs = self._loop.run(self._feed_async(asks), self.timeout)
+        for req, _ in asks:
+            req.fed = len(req.tokens)
+            req.forward_passes += 1
+        return outs
+
+    async def _feed_async(self, asks: list[tuple[Request, list[int]]]) -> list[Tensor | None]:
+        jobs, shape = [], []
+        for req, rows in asks:
+            # a pass that only feeds (no row asked): the last slot's row computes and caches it all the same
+            want = rows or [len(req.tokens) - 1]
+            jobs += [self._row(req, r) for r in want]
+            shape.append(len(rows))
+        rows_out = await asyncio.gather(*jobs)
+        outs, k = [], 0
+        for n, (req, rows) in zip(shape, asks):
+            outs.append(torch.stack(rows_out[k:k + n]) if n else None)
+            k += max(n, 1)
+        return outs
+
+    async def _row(self, req: Request, r: int) -> Tensor:
+        """The log-probs ``[V]`` after slot ``r`` of ``req``: a vLLM request over slots ``0..r`` and their layout."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        n = r + 1
+        sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False,
+                            extra_args=encode(req.seg[:n], req.br[:n], req.pos[:n]))
+        final = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=req.tokens[:n]), sp,
+                                              request_id=f"aspd-{next(self._ids)}"):
+            final = out
+        lp = final.outputs[0].logprobs[0]
+        row = torch.full((self.vocab_size,), float("-inf"), dtype=torch.float32)
+        ids = torch.tensor(list(lp.keys()), dtype=torch.int64)
+        row[ids] = torch.tensor([v.logprob for v in lp.values()], dtype=torch.float32)
+        return row
+
+    def plain_greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+                     min_tokens: int = 0) -> list[list[int]]:
+        """Plain vLLM decoding (no layout: causal, vLLM's positions), greedy, all prompts at once: the serial
+        baseline and the backend's identity check. ``min_tokens`` keeps EOS from ending a request early."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        async def one(p: list[int]) -> list[int]:
+            sp = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, temperature=0.0, ignore_eos=True,
+                                detokenize=False)
+            final = None
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(p)), sp,
+                                                  request_id=f"plain-{next(self._ids)}"):
+                final = out
+            return list(final.outputs[0].token_ids)
+
+        async def run() -> list[list[int]]:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+        for i, p in enumerate(prompts):
+            self._fits(f"prompts[{i}]", p)
+        return self._loop.run(run(), self.timeout)
+
+    # ------------------------------------------------------------------ async front end
+    async def _in_thread(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def generate_branches_async(self, *args, **kwargs):
+        """:meth:`generate_branches` for an asyncio caller; concurrent calls share engine steps."""
+        return await self._in_thread(self.generate_branches, *args, **kwargs)
+
+    async def generate_async(self, *args, **kwargs):
+        """:meth:`generate` (model-driven) for an asyncio caller; concurrent calls share engine steps."""
+        return await self._in_thread(self.generate, *args, **kwargs)
+
+    async def generate_serial_async(self, *args, **kwargs):
+        return await self._in_thread(self.generate_serial, *args, **kwargs)

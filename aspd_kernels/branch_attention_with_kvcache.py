@@ -117,6 +117,21 @@ def branch_attention_with_kvcache(
     ``k <= q and (segment[k] != segment[q] or branch[k] == branch[q])``.
     Returns ``out [B, Lq, Hq, D]`` in q's dtype.
     """
+    return _overload(*prepare(q, k_cache, v_cache, cache_seqlens, segment, branch, softmax_scale, q_seqlens,
+                              block_table, check_values=check_values, backend=backend))
+
+
+_overload = torch.ops.aspd.branch_attention_with_kvcache.default
+
+
+def prepare(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, segment: Tensor, branch: Tensor,
+    softmax_scale: float | None = None, q_seqlens: Tensor | None = None, block_table: Tensor | None = None, *,
+    check_values: bool = True, backend: str | None = None,
+) -> tuple:
+    """The checks of :func:`branch_attention_with_kvcache` and its backend choice: returns the arguments of
+    ``torch.ops.aspd.branch_attention_with_kvcache`` (scale and backend name last). The plan half of a plan/run
+    split: every layer of a decoding step has the same shapes, so it may reuse the plan's backend and scale."""
     chk.tensor("q", q, 4, chk.FLOAT_DTYPES)
     chk.tensor("k_cache", k_cache, 4)
     chk.same_dtype("k_cache", k_cache, q)
@@ -133,7 +148,7 @@ def branch_attention_with_kvcache(
                    avoid=frozenset({"cuda"}) if slow_cuda else frozenset(),
                    refusals=chk.head_dim_refusals("q", q.shape[-1]))
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _branch_attention_with_kvcache(
+    return (
         chk.last_dim_contiguous(q), chk.last_dim_contiguous(k_cache), chk.last_dim_contiguous(v_cache),
         cache_seqlens.contiguous(), segment.contiguous(), branch.contiguous(), q_seqlens.contiguous(),
         None if block_table is None else block_table.contiguous(), scale, name,

@@ -6,6 +6,7 @@ grid on a GPU) and writes ``<out>/<date>-<device>[-<tag>].jsonl``, ``.md`` and `
     python -m bench --ops branch_attention_with_kvcache,e2e --out /tmp/res --tag decode
     python -m bench --ops e2e --models llama-3-8b
     python -m bench --ops branch_attention_with_kvcache --cases "N=32768 K=16 interleaved H=32/8 D=128"
+    python -m bench --ops host                        # the host-path report (bench/host.py), CPU only
 
 Exit status 1 when any implementation failed (an ``error`` row); skipped implementations (not available here,
 over a memory cap) are listed with their reason and do not fail the run.
@@ -107,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if ops == ["host"]:
+        from . import host
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        host.report(sys.argv[1:] if argv is None else argv, args.out)
+        return 0
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         sys.exit(f"unknown op(s) {unknown}; choose from {list(OPS)}")

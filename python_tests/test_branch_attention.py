@@ -4,6 +4,7 @@ import torch
 from layouts import random_batch, random_layout
 
 import aspd_kernels.torch_backend.attention as tb
+import aspd_kernels.torch_backend.sdpa_tiles as st
 from aspd_kernels import branch_attention, reference as R
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
@@ -122,7 +123,8 @@ def test_broken_mask_is_caught(monkeypatch):
         k_index = torch.arange(k_start, k_start + k_seg.shape[0])
         return k_index[None, :] <= q_index[:, None]
 
-    monkeypatch.setattr(tb, "_visible", causal_only)
+    monkeypatch.setattr(tb, "_visible", causal_only)  # the online-softmax tiles (other devices)
+    monkeypatch.setattr(st, "_visible", causal_only)  # SDPA per query tile (the CPU path)
     bad = branch_attention(q, k, v, seg, br, cu_q, cu, mq, mk)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(bad, ref, **TOL[torch.float32])
@@ -134,3 +136,7 @@ def test_long_sequence_memory_is_tiled():
     bq = tb._block_q(h)
     assert bq * tb._BLOCK_K * h <= tb._TILE_ELEMENTS
     assert bq * tb._BLOCK_K < n * n // 1000
+    # the CPU path: one [tile, span] additive mask at a time, the span at most n
+    spans = [(qs.stop - qs.start) * ke for qs, ke in st._tiles(torch.arange(n), n)]
+    assert max(spans) <= st._MASK_ELEMENTS and max(spans) < n * n // 100
+    assert sum(qs.stop - qs.start for qs, _ in st._tiles(torch.arange(n), n)) == n

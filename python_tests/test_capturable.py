@@ -24,21 +24,23 @@ triton_rope = importlib.import_module("aspd_kernels.triton.rope_append_kv")
 META = torch.device("meta")
 
 
-def _meta_decoder_step(bucket: int):
-    """(model on meta, cache on meta, the graph's static Batch for ``bucket`` new tokens)."""
+def _meta_decoder_step(bucket: int, batch: int = 1):
+    """(model on meta, cache of ``batch`` rows on meta, the graph's static Batch for ``bucket`` new tokens)."""
     model = decoder(tiny_model("qwen2"), max_seq_len=64).model
     cfg = model.config
     meta_model = model.to(META)
-    cache = KVCache(cfg.num_layers, 1, 64, cfg.num_kv_heads, cfg.head_dim, torch.float32, META)
+    cache = KVCache(cfg.num_layers, batch, 64, cfg.num_kv_heads, cfg.head_dim, torch.float32, META)
     graphs = DecodeGraphs(meta_model, cache, buckets=(1, 2, 4, 8))
     return meta_model, cache, graphs._batch(bucket)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("bucket", [1, 8])
-def test_decode_step_reads_no_device_value(bucket):
-    model, cache, batch = _meta_decoder_step(bucket)
+def test_decode_step_reads_no_device_value(bucket, rows):
+    """Batched decoding too (max_batch > 1): the graph of every bucket covers all cache rows."""
+    model, cache, batch = _meta_decoder_step(bucket, rows)
     out = model.step(batch, cache, check_values=False)  # what DecodeGraphs captures
-    assert out.device == META and out.shape == (1, bucket, model.config.vocab_size)
+    assert out.device == META and out.shape == (rows, bucket, model.config.vocab_size)
 
 
 def test_control_meta_step_sees_the_value_checks():

@@ -152,3 +152,30 @@ def test_check_values_false_never_reads_out_of_bounds():
     a["cache_seqlens"] = a["cache_seqlens"] + 10_000
     out = branch_attention_with_kvcache(**a, check_values=False)
     assert out.shape == a["q"].shape
+
+
+@pytest.mark.parametrize("cache_len, new", [(11, 5), (-3, 2), (4, -1), (2, 3)])
+def test_unchecked_bad_values_stay_in_bounds_on_cpu(cache_len, new):
+    """check_values=False: bad lengths, positions and ids may give wrong numbers but never an out-of-bounds read or
+    write. The caches are views into larger buffers with guard bands on both sides: the bands must come back
+    untouched and the calls must not fail on an index. With the default checks the same call is refused."""
+    lq, h, d, cap, pad = 3, 2, 8, 6, 4
+    k_band = torch.full((1, cap + 2 * pad, h, d), 7.0)
+    v_band = k_band.clone()
+    s_band = torch.full((1, cap + 2 * pad), 7, dtype=torch.int32)
+    b_band = s_band.clone()
+    caches = [t[:, pad:pad + cap] for t in (k_band, v_band, s_band, b_band)]  # batch 1: contiguous views
+    assert all(c.is_contiguous() for c in caches)
+    q = torch.randn(1, lq, h, d)
+    lens, qlens = torch.tensor([cache_len], dtype=torch.int32), torch.tensor([new], dtype=torch.int32)
+    pos = torch.tensor([[-5, 0, 10 ** 6]], dtype=torch.int32)  # outside the rotary table
+    ids = torch.tensor([[-1, 3, -7]], dtype=torch.int32)
+    cos_sin = torch.randn(16, d)
+    with pytest.raises(ValueError):
+        rope_append_kv(q, q, q, pos, cos_sin, *caches, lens, ids, ids, qlens)
+    rope_append_kv(q, q, q, pos, cos_sin, *caches, lens, ids, ids, qlens, check_values=False)
+    out = branch_attention_with_kvcache(q, caches[0], caches[1], lens, caches[2], caches[3], q_seqlens=qlens,
+                                        check_values=False)
+    assert out.shape == q.shape
+    for band, fill in ((k_band, 7.0), (v_band, 7.0), (s_band, 7), (b_band, 7)):
+        assert (band[:, :pad] == fill).all() and (band[:, pad + cap:] == fill).all()

@@ -11,6 +11,7 @@ from test_decoder_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from aspd_kernels import remap_positions
 from aspd_kernels.reference import STRATEGIES
+from aspd_kernels.decoder import ParallelDecoder
 
 FAMILIES = ("llama", "qwen2")
 
@@ -145,26 +146,34 @@ def test_bad_requests_raise(pair):
         dec.generate_branches([1], [[3]], 2, position_strategy="nope")
 
 
+class _EagerReplay:
+    """Builds a ``DecodeGraphs`` whose "capture" records an eager stand-in for the graph: replaying it runs
+    ``model.step`` on the static buffers (with the value checks on, so a bad padding row would raise)."""
+
+    def __new__(cls, model, cache, buckets):
+        from aspd_kernels.decoder.graphs import DecodeGraphs
+
+        class EagerReplay(DecodeGraphs):
+            def _capture(self, b):
+                batch, model, cache = self._batch(b), self.model, self.cache
+                out = torch.full((cache.k.shape[1], b, model.config.vocab_size), float("nan"))
+
+                class Graph:
+                    def replay(self):
+                        out.copy_(model.step(batch, cache, check_values=True))
+
+                self.graphs[b] = (Graph(), out)
+
+        return EagerReplay(model, cache, buckets)
+
+
 def test_decode_graph_buffers_and_padding_on_cpu(pair):
     """The CUDA-graph path's static buffers, buckets and padding rows (q_seqlens < bucket), replayed here by an
     eager stand-in for the captured graph: results equal the plain eager path token for token."""
-    from aspd_kernels.decoder.graphs import DecodeGraphs
-
-    class EagerReplay(DecodeGraphs):
-        def _capture(self, b):
-            batch, model, cache = self._batch(b), self.model, self.cache
-            out = torch.full((1, b, model.config.vocab_size), float("nan"))
-
-            class Graph:
-                def replay(self):
-                    out.copy_(model.step(batch, cache, check_values=True))
-
-            self.graphs[b] = (Graph(), out)
-
     _, dec = pair
     prefix, prompts = _prompts(21, 5)
     want = dec.generate_branches(prefix, prompts, 7, suffix_ids=[9], max_suffix_tokens=3)
-    dec.graphs = EagerReplay(dec.model, dec.cache, buckets=(1, 2, 4, 8))
+    dec.graphs = _EagerReplay(dec.model, dec.cache, buckets=(1, 2, 4, 8))
     try:
         got = dec.generate_branches(prefix, prompts, 7, suffix_ids=[9], max_suffix_tokens=3)
         assert set(dec.graphs.graphs) <= {1, 2, 4, 8} and 8 in dec.graphs.graphs
@@ -172,6 +181,24 @@ def test_decode_graph_buffers_and_padding_on_cpu(pair):
         dec.graphs = None
     assert got.branches == want.branches and got.suffix == want.suffix
     assert torch.equal(got.sequence, want.sequence) and torch.equal(got.positions, want.positions)
+
+
+def test_decode_graphs_cover_batches_on_cpu(pair):
+    """max_batch > 1: every round (requests with different live-branch counts, some sitting it out) replays one
+    graph over all cache rows; results equal the eager batched path and each request decoded alone."""
+    model, _ = pair
+    dec = ParallelDecoder.from_hf(model, max_seq_len=256, max_batch=3)
+    reqs = [_prompts(30 + i, k) for i, k in enumerate((1, 3, 5))]
+    args = ([r[0] for r in reqs], [r[1] for r in reqs], 6)
+    want = dec.generate_branches_batch(*args, suffix_ids=[[9], [3], [4, 5]], max_suffix_tokens=2)
+    dec.graphs = _EagerReplay(dec.model, dec.cache, buckets=(1, 2, 4, 8))
+    got = dec.generate_branches_batch(*args, suffix_ids=[[9], [3], [4, 5]], max_suffix_tokens=2)
+    assert 8 in dec.graphs.graphs and set(dec.graphs.graphs) <= {1, 2, 4, 8}  # the widest feed picks the bucket
+    for g, w, (prefix, prompts) in zip(got, want, reqs):
+        assert g.branches == w.branches and g.suffix == w.suffix
+        assert torch.equal(g.sequence, w.sequence) and torch.equal(g.positions, w.positions)
+        alone = decoder(model).generate_branches(prefix, prompts, 6)
+        assert g.branches == alone.branches
 
 
 def test_sample_filters():

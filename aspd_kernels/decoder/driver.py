@@ -55,12 +55,14 @@ class Driver:
         self.cache = KVCache(cfg.num_layers, max_batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, self.dtype,
                              self.device)
         on_cuda = self.device.type == "cuda"
-        # value checks read the device (a sync per op); the engine validates its own inputs on the host
-        self.check_values = (not on_cuda) if check_values is None else check_values
+        # the engine builds every token, id, position and length on the host from its own checked state, so by
+        # default nothing is read back from the device to check it; check_values=True re-checks them on the ops'
+        # boundary once per forward (the first layer's call), never once per layer
+        self.check_values = bool(check_values)
         if cuda_graphs is None:
-            cuda_graphs = on_cuda and max_batch == 1 and _capturable(self.device, cfg.head_dim)
-        if cuda_graphs and (not on_cuda or max_batch != 1):
-            raise ValueError("cuda_graphs=True needs the model on a CUDA device and max_batch=1")
+            cuda_graphs = on_cuda and _capturable(self.device, cfg.head_dim)
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.graphs = DecodeGraphs(model, self.cache) if cuda_graphs else None
 
     # ------------------------------------------------------------------ forward
@@ -74,11 +76,13 @@ class Driver:
                 raise RuntimeError("a forward pass with nothing to feed")
             spans.append((a, e))
         outs = None
-        if self.graphs is not None and len(asks) == 1:
-            (req, rows), (a, e) = asks[0], spans[0]
-            full = self.graphs.run(req.tokens[a:e], req.pos[a:e], req.seg[a:e], req.br[a:e], e)
+        if self.graphs is not None:
+            feeds = [(req.row, req.tokens[a:e], req.pos[a:e], req.seg[a:e], req.br[a:e], e)
+                     for (req, _), (a, e) in zip(asks, spans)]
+            full = self.graphs.run(feeds)
             if full is not None:
-                outs = [full[[r - a for r in rows]] if rows else None]
+                outs = [full[req.row, [r - a for r in rows]] if rows else None
+                        for (req, rows), (a, _) in zip(asks, spans)]
         if outs is None:
             outs = self._eager(asks, spans)
         for (req, _), (_, e) in zip(asks, spans):

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..branch_attention_with_kvcache import branch_attention_with_kvcache
-from ..rope_append_kv import rope_append_kv
+from ..branch_attention_with_kvcache import _overload as attn_run
+from ..branch_attention_with_kvcache import prepare as attn_plan
+from ..rope_append_kv import _overload as rope_run
+from ..rope_append_kv import prepare as rope_plan
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -36,14 +38,17 @@ class Batch:
     tokens: int64 [B, L]; positions: int32 [B, L] rotary ids; segment, branch: int32 [B, L] ids of the new tokens;
     cache_seqlens: int32 [B] valid slots after this forward; q_seqlens: int32 [B] real new tokens per sequence
     (rows beyond are padding: not written, attention output zero).
+    ``plan``: what the first layer's checks decided for the whole forward (the two ops' backend names and the
+    attention scale), so the other layers call the registered ops directly (FlashInfer's plan/run split).
     """
 
-    __slots__ = ("tokens", "positions", "segment", "branch", "cache_seqlens", "q_seqlens")
+    __slots__ = ("tokens", "positions", "segment", "branch", "cache_seqlens", "q_seqlens", "plan")
 
     def __init__(self, tokens: Tensor, positions: Tensor, segment: Tensor, branch: Tensor, cache_seqlens: Tensor,
                  q_seqlens: Tensor) -> None:
         self.tokens, self.positions, self.segment, self.branch = tokens, positions, segment, branch
         self.cache_seqlens, self.q_seqlens = cache_seqlens, q_seqlens
+        self.plan: tuple[str, str, float] | None = None
 
 
 class Attention(nn.Module):
@@ -63,10 +68,24 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(bsz, L, self.hkv, self.d)
         v = self.v_proj(x).view(bsz, L, self.hkv, self.d)
         k_cache, v_cache = cache.k[layer], cache.v[layer]
-        q = rope_append_kv(q, k, v, b.positions, cos_sin, k_cache, v_cache, cache.segment, cache.branch,
-                           b.cache_seqlens, b.segment, b.branch, b.q_seqlens, check_values=check_values)
-        o = branch_attention_with_kvcache(q, k_cache, v_cache, b.cache_seqlens, cache.segment, cache.branch,
-                                          self.scale, b.q_seqlens, check_values=check_values)
+        if b.plan is None:
+            # plan: the first layer runs the ops' full boundary checks (values only when asked: the cache ids are
+            # then checked once per forward, not once per layer) and resolves the backends once
+            rope_args = rope_plan(q, k, v, b.positions, cos_sin, k_cache, v_cache, cache.segment,
+                                        cache.branch, b.cache_seqlens, b.segment, b.branch, b.q_seqlens,
+                                        check_values=check_values)
+            q = rope_run(*rope_args)
+            attn_args = attn_plan(q, k_cache, v_cache, b.cache_seqlens, cache.segment, cache.branch,
+                                        self.scale, b.q_seqlens, check_values=check_values)
+            o = attn_run(*attn_args)
+            b.plan = (rope_args[-1], attn_args[-1], attn_args[-2])
+        else:
+            # run: the same shapes as the first layer (one config, one cache), so its checks hold here too
+            rope_backend, attn_backend, scale = b.plan
+            q = rope_run(q, k, v, b.positions, cos_sin, k_cache, v_cache, cache.segment, cache.branch,
+                                  b.cache_seqlens, b.segment, b.branch, b.q_seqlens, None, rope_backend)
+            o = attn_run(q, k_cache, v_cache, b.cache_seqlens, cache.segment, cache.branch, b.q_seqlens,
+                                  None, scale, attn_backend)
         return self.o_proj(o.reshape(bsz, L, self.hq * self.d))
 
 
@@ -119,6 +138,7 @@ class Transformer(nn.Module):
         self.register_buffer("cos_sin", torch.empty(0, 0), persistent=False)
 
     def hidden(self, b: Batch, cache: KVCache, check_values: bool = True) -> Tensor:
+        b.plan = None  # planned again by the first layer: shapes may differ from the batch's last forward
         x = self.model.embed_tokens(b.tokens)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, b, self.cos_sin, cache, i, check_values)

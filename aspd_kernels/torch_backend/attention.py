@@ -1,4 +1,5 @@
-"""Branch-masked attention in plain torch, computed in (query block x key block) tiles with an online softmax.
+"""Branch-masked attention in plain torch. On the CPU: SDPA per query tile (``sdpa_tiles.py``); elsewhere
+(query block x key block) tiles with an online softmax.
 
 The CPU path of ``branch_attention`` and ``branch_attention_with_kvcache`` and the backend of last resort on any
 device. Memory stays O(tile) whatever the length: no ``N x N`` mask, no ``N x N`` scores. Tiles with no visible
@@ -8,6 +9,8 @@ otherwise.
 from __future__ import annotations
 
 import torch
+
+from . import sdpa_tiles
 
 _TILE_ELEMENTS = 1 << 22  # scores held at once per tile, over all heads (32 MiB of float64)
 _BLOCK_K = 512
@@ -42,7 +45,9 @@ def _tiles(q_index: torch.Tensor, lk: int, heads: int):
 def attend_fwd(q, k, v, segment, branch, q_index, scale: float):
     """One sequence. ``q [Lq, Hq, D]`` at increasing slots ``q_index [Lq]``; ``k, v [Lk, Hkv, D]``;
     ``segment, branch [Lk]``. Returns ``out [Lq, Hq, D]`` (q.dtype, zero rows where nothing is visible) and
-    ``lse [Hq, Lq]`` float32 (``-inf`` there)."""
+    ``lse [Hq, Lq]`` float32 (``-inf`` there). On the CPU: SDPA per query tile (``sdpa_tiles``)."""
+    if sdpa_tiles.supported(q):
+        return sdpa_tiles.attend_fwd(q, k, v, segment, branch, q_index, scale)
     lq, hq, d = q.shape
     lk, hkv, dv = v.shape
     g = hq // hkv
@@ -85,6 +90,11 @@ def attend_bwd(dout, dlse, q, k, v, out, lse, segment, branch, q_index, scale: f
     qh, doh, oh = to_h(q), to_h(dout), to_h(out)
     kh = k.to(acc_t).permute(1, 0, 2)
     vh = v.to(acc_t).permute(1, 0, 2)
+    # the fused CPU backward has no lse gradient: a used lse (dlse not all zero) takes the tiles below
+    if sdpa_tiles.supported(q) and (dlse is None or not bool(dlse.any())):
+        if q.dtype == torch.float64:
+            lse = sdpa_tiles.attend_fwd(q, k, v, segment, branch, q_index, scale)[1]
+        return sdpa_tiles.attend_bwd(dout, q, k, v, out, lse, segment, branch, q_index, scale)
     if q.dtype == torch.float64:
         # the stored lse is float32 (the op's contract); float64 gradients need it exact, so recompute it
         lse = attend_fwd(q, k, v, segment, branch, q_index, scale)[1]

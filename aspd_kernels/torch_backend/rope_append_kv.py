@@ -8,10 +8,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """Rotate-half on the first ``2 * half`` features; ``cos, sin [B, L, 1, half]``."""
     half = cos.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = cos.to(acc), sin.to(acc)
     x1, x2 = x[..., :half].to(acc), x[..., half:2 * half].to(acc)
-    rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    return torch.cat([rot, x[..., 2 * half:]], dim=-1)
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if x.shape[-1] > 2 * half:  # features beyond rot_dim pass through (a few calls' worth of host time saved)
+        parts.append(x[..., 2 * half:].to(acc))
+    return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 def rope_append_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, segment_cache, branch_cache, cache_seqlens,
@@ -19,7 +20,7 @@ def rope_append_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, segment_
     bsz, lq = q.shape[:2]
     half = cos_sin_cache.shape[1] // 2
     pos = positions.long().clamp(0, cos_sin_cache.shape[0] - 1)
-    cs = cos_sin_cache[pos]
+    cs = cos_sin_cache[pos].to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     cos, sin = cs[..., None, :half], cs[..., None, half:]
     q_rot, k_rot = _rotate(q, cos, sin), _rotate(k, cos, sin)
 

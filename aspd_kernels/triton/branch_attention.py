@@ -7,7 +7,8 @@ FlashAttention-2 (Dao, 2023) with the mask of SPEC section 2 evaluated in regist
 Forward (``branch_attention_forward.py``): one program per (query tile, sequence, query head), online softmax in
 base 2. Backward (``branch_attention_backward.py``): a preprocess kernel for ``delta``, then one kernel for dK/dV
 (per key tile and KV head, over its GQA group) and one for dQ (per query tile and query head), no atomics.
-This module holds the launch configuration, the launchers (the backend contract) and the AOT compile specs.
+This module holds the launchers (the backend contract); the tile tables are ``tile_configs.py``, the AOT compile
+specs ``aot_specs.py``.
 
 Block skipping (``tile_ranges.py``): per-tile id ranges (segment and branch min/max) classify each (query tile,
 key tile) pair as skip, full (every pair visible) or masked. Two tiny kernels run once per call and layout: one
@@ -24,27 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 
 from .branch_attention_backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .branch_attention_forward import fwd_kernel
+from .tile_configs import Config, block_d, capability
+from .tile_configs import bwd_configs as gpu_bwd_configs
+from .tile_configs import fwd_config as gpu_fwd_config
 from .tile_ranges import tile_lists
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launch configuration. No autotuning: the key-tile summaries must be built with the block size the kernel uses,
-# and one fixed table keeps CUDA-graph capture and torch.compile free of benchmarking runs.
-
-
-@dataclass(frozen=True)
-class Config:
-    block_m: int  # query rows per tile
-    block_n: int  # key rows per tile
-    num_warps: int
-    num_stages: int
 
 
 _INTERPRET_CONFIG = Config(64, 64, 4, 1)  # the interpreter pays per operation, not per element: few, large tiles
@@ -54,48 +44,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Tile tables, checked by compiling for sm_90 with the JIT's alignment specialisation and reading the cubin's
-# resource usage (cuobjdump -res-usage): none of the fp16/bf16 D=64/128 entries spills registers.
-
-def gpu_fwd_config(head_dim: int, dtype: torch.dtype) -> Config:
-    """Forward tiles: a tall query tile amortises the K/V reads; fp32 operands and D=256 halve the tiles to stay
-    within registers and shared memory."""
-    half = dtype != torch.float32
-    if head_dim <= 64 and half:
-        return Config(128, 64, 4, 3)
-    if head_dim <= 128 and half:
-        return Config(128, 64, 8, 2)
-    return Config(64, 32, 4, 2)
+def fwd_config(q: torch.Tensor) -> Config:
+    """The forward tiles for ``q``'s head size, dtype and GPU (``tile_configs``)."""
+    return _INTERPRET_CONFIG if _interpreting() else gpu_fwd_config(q.shape[-1], q.dtype, capability(q.device))
 
 
-def gpu_bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[Config, Config]:
-    """(dK/dV tiles, dQ tiles). The dK/dV program holds two fp32 ``[BLOCK_N, D]`` accumulators plus its K and V
-    tiles, so at D=128 its query tile shrinks to 32 rows (64 rows spill); the dQ program holds one accumulator."""
-    half = dtype != torch.float32
-    if head_dim <= 64 and half:
-        return Config(64, 64, 4, 2), Config(64, 64, 4, 2)
-    if head_dim <= 128 and half:
-        return Config(32, 64, 8, 2), Config(64, 64, 8, 2)
-    return Config(32, 32, 4, 1), Config(32, 32, 4, 1)
-
-
-def fwd_config(head_dim: int, dtype: torch.dtype) -> Config:
-    return _INTERPRET_CONFIG if _interpreting() else gpu_fwd_config(head_dim, dtype)
-
-
-def bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[Config, Config]:
-    return (_INTERPRET_CONFIG,) * 2 if _interpreting() else gpu_bwd_configs(head_dim, dtype)
+def bwd_configs(q: torch.Tensor) -> tuple[Config, Config]:
+    if _interpreting():
+        return (_INTERPRET_CONFIG,) * 2
+    return gpu_bwd_configs(q.shape[-1], q.dtype, capability(q.device))
 
 
 def _check_dtype(q: torch.Tensor) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q: the triton backend of branch_attention runs float16/bfloat16/float32, got {q.dtype}")
-
-
-def block_d(head_dim: int) -> int:
-    """The head dimension padded to a power of two, at least 16 (the K extent of a ``tl.dot``); the kernels mask
-    the lanes ``>= head_dim`` on every load and store."""
-    return max(triton.next_power_of_2(head_dim), 16)
 
 
 def _common(q: torch.Tensor) -> dict:
@@ -107,9 +69,10 @@ def _common(q: torch.Tensor) -> dict:
     )
 
 
-def _preprocess_rows(block_d: int) -> int:
-    """Rows per preprocess program: 8192 elements per operand tile, 64 per thread at 4 warps (no spills)."""
-    return max(16, 8192 // block_d)
+def preprocess_rows(width: int) -> int:
+    """Rows per preprocess program at padded head width ``width``: 8192 elements per operand tile, 64 per thread at
+    4 warps (no spills)."""
+    return max(16, 8192 // width)
 
 
 def _device_guard(t: torch.Tensor):
@@ -138,7 +101,7 @@ def branch_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segm
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch == 0:
         return out, lse
-    cfg = config or fwd_config(d, q.dtype)
+    cfg = config or fwd_config(q)
     with _device_guard(q):
         lists, counts = tile_lists(segment, branch, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q,
                                    max_seqlen_k, cfg.block_m, cfg.block_n, key_major=False)
@@ -173,12 +136,12 @@ def branch_attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch == 0:  # no query: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
-    kv_cfg, q_cfg = (config, config) if config is not None else bwd_configs(d, q.dtype)
+    kv_cfg, q_cfg = (config, config) if config is not None else bwd_configs(q)
     lse = lse.float().contiguous()
     common = _common(q)
     with _device_guard(q):
         delta = torch.empty_like(lse)
-        block_t = _preprocess_rows(common["BLOCK_D"])
+        block_t = preprocess_rows(common["BLOCK_D"])
         bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
             out, dout, dlse.float().contiguous() if dlse is not None else lse, delta, out.stride(0), out.stride(1),
             dout.stride(0), dout.stride(1), lse.stride(0), total_q,
@@ -206,59 +169,3 @@ def branch_attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch
             num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
         )
     return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (.ci/aot_compile_triton.py): every kernel with the GPU tile table, GQA group 4, for
-# the head sizes that matter (D = 64 and 128, fp16 and bf16) and two that pad (bf16 only: the padding does not
-# depend on the dtype): D = 16 (BLOCK_D 16, the tl.dot minimum) and D = 80 (phi-2; BLOCK_D 128, 48 masked lanes).
-
-_AOT_HEAD_SIZES = {"fp16": (64, 128), "bf16": (16, 64, 80, 128)}
-
-
-def _aot_specs() -> list[dict]:
-    specs = []
-    i32, f32 = "i32", "fp32"
-    for dt, torch_dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        ptr = f"*{dt}"
-        for d in _AOT_HEAD_SIZES[dt]:
-            bd = block_d(d)
-            common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=bd, UPCAST=False, DOT_PRECISION="tf32")
-            fc, (kc, qc) = gpu_fwd_config(d, torch_dt), gpu_bwd_configs(d, torch_dt)
-            ids = {n: "*i32" for n in ("SEG", "BR", "CU_Q", "CU_K")}
-            sizes = {n: i32 for n in ("total_q", "total_k", "max_seqlen_q", "max_seqlen_k")}
-            strides = lambda *names: {f"stride_{n}{a}": i32 for n in names for a in "th"}  # noqa: E731
-            specs.append(dict(
-                name=f"branch_attention_fwd_{dt}_d{d}", fn=fwd_kernel,
-                signature={"Q": ptr, "K": ptr, "V": ptr, **ids, "LISTS": "*i32", "COUNTS": "*i32", "OUT": ptr,
-                           "LSE": "*fp32", "STATS": "*i32", **strides("q", "k", "v", "o"), "stride_lh": i32,
-                           **sizes, "max_qtiles": i32, "max_ktiles": i32, "qk_scale": f32},
-                constexprs=dict(common, BLOCK_M=fc.block_m, BLOCK_N=fc.block_n, COUNT=False),
-                num_warps=fc.num_warps, num_stages=fc.num_stages,
-            ))
-            specs.append(dict(
-                name=f"branch_attention_bwd_preprocess_{dt}_d{d}", fn=bwd_preprocess_kernel,
-                signature={"OUT": ptr, "DOUT": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **strides("o", "do"),
-                           "stride_lh": i32, "total_q": i32},
-                constexprs=dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_T=_preprocess_rows(bd), HAS_DLSE=True),
-            ))
-            bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", **ids,
-                       "LISTS": "*i32", "COUNTS": "*i32"}
-            specs.append(dict(
-                name=f"branch_attention_bwd_dkdv_{dt}_d{d}", fn=bwd_dkdv_kernel,
-                signature={**bwd_sig, "DK": ptr, "DV": ptr, **strides("q", "k", "v", "do", "dk", "dv"),
-                           "stride_lh": i32, **sizes, "max_ktiles": i32, "max_qtiles": i32, "softmax_scale": f32},
-                constexprs=dict(common, BLOCK_M=kc.block_m, BLOCK_N=kc.block_n),
-                num_warps=kc.num_warps, num_stages=kc.num_stages,
-            ))
-            specs.append(dict(
-                name=f"branch_attention_bwd_dq_{dt}_d{d}", fn=bwd_dq_kernel,
-                signature={**bwd_sig, "DQ": ptr, **strides("q", "k", "v", "do", "dq"), "stride_lh": i32,
-                           **sizes, "max_qtiles": i32, "max_ktiles": i32, "softmax_scale": f32},
-                constexprs=dict(common, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n),
-                num_warps=qc.num_warps, num_stages=qc.num_stages,
-            ))
-    return specs
-
-
-AOT_SPECS = _aot_specs()

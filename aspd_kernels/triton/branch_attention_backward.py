@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 
 from .branch_attention_forward import LOG2E, tile_operand
-from .tile_ranges import seq_bounds
+from .tile_ranges import PACK_SIZES, seq_bounds
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_q"])
 def bwd_preprocess_kernel(OUT, DOUT, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
                            total_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                            HAS_DLSE: tl.constexpr):
@@ -79,7 +79,7 @@ def _dkdv_tiles(dk, dv, k, v, k_slot, k_seg, k_br, Q, DOUT, LSE, DELTA, SEG, BR,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*PACK_SIZES, "max_ktiles", "max_qtiles"])
 def bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, LISTS, COUNTS, DK, DV,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                      stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
@@ -150,7 +150,7 @@ def _dq_tiles(dq, q, do, lse, delta, q_slot, q_seg, q_br, K, V, SEG, BR, k_start
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*PACK_SIZES, "max_qtiles", "max_ktiles"])
 def bwd_dq_kernel(Q, K, V, DOUT, LSE, DELTA, SEG, BR, CU_Q, CU_K, LISTS, COUNTS, DQ,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dqt, stride_dqh, stride_lh,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile_ranges import seq_bounds
+from .tile_ranges import PACK_SIZES, seq_bounds
 
 LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # lse = ln(2) * (base-2 log-sum-exp)
@@ -70,7 +70,7 @@ def _fwd_tiles(acc, m_i, l_i, q, q_slot, q_seg, q_br, K, V, SEG, BR, k_start, le
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*PACK_SIZES, "max_qtiles", "max_ktiles"])
 def fwd_kernel(Q, K, V, SEG, BR, CU_Q, CU_K, LISTS, COUNTS, OUT, LSE, STATS,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
                 total_q, total_k, max_seqlen_q, max_seqlen_k, max_qtiles, max_ktiles, qk_scale,

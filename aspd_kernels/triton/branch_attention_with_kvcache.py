@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tile_configs import block_d, capability, decode_config
+
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _MIN_SPLIT_SLOTS = 256  # a split shorter than this costs more in merging than it gains in parallelism
 _MAX_SPLITS = 64
@@ -189,15 +191,15 @@ def _merge_kernel(
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=(i < Lq)[:, None] & d_ok[None, :])
 
 
+def merge_rows(head_dim: int) -> int:
+    """(token, head) rows per merge program: ``_MERGE_ROWS`` x the padded width of float32 accumulator."""
+    return _MERGE_ROWS if block_d(head_dim) <= 128 else _MERGE_ROWS // 2
+
+
 def _cast_to_f32(dtype: torch.dtype) -> bool:
     """Multiply in float32 under the interpreter (it mishandles 16-bit arithmetic) and for float32 inputs;
     on a GPU, 16-bit tiles go to the tensor cores as they are, with float32 accumulation."""
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _block_d(head_dim: int) -> int:
-    """The head dimension padded to a power of two, at least 16: the K extent of a ``tl.dot``."""
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 @functools.cache
@@ -205,15 +207,6 @@ def _sm_count(device_index: int | None) -> int:
     if device_index is None:  # the interpreter on CPU: a few "SMs" keep the program count small
         return 4
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _tiles(rows: int, block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for ``rows`` query rows and the padded head dimension ``block_d`` (registers
-    and shared memory grow with the padded width, so D = 80 is tiled as 128): every row in one tile up to 128 (64
-    for D = 256), tl.dot needs >= 16."""
-    block_m = min(max(16, triton.next_power_of_2(rows)), 64 if block_d > 128 else 128)
-    block_n = 32 if block_d > 128 or block_m >= 128 else 64
-    return block_m, block_n, 8 if block_m * block_d >= 128 * 128 else 4
 
 
 def splits_for(programs: int, sms: int, capacity: int) -> int:
@@ -258,7 +251,8 @@ def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if out.numel() == 0:
         return out
-    block_m, block_n, warps = _tiles(lq * g, _block_d(d))
+    cfg = decode_config(lq * g, d, q.dtype, capability(q.device))
+    block_m, block_n = cfg.block_m, cfg.block_n
     row_tiles = triton.cdiv(lq * g, block_m)
     splits = num_splits or num_splits_for(bsz, hkv, row_tiles, capacity, q.device)
     splits = max(1, min(int(splits), triton.cdiv(max(capacity, 1), block_n)))
@@ -280,57 +274,20 @@ def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         lq, capacity, k_cache.shape[1], k_cache.shape[0], row_tiles, splits,
-        G=g, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        G=g, HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
         PAGED=paged, SPLIT=splits > 1, CAST_F32=_cast_to_f32(q.dtype),
         # fp32 inputs must not be rounded to TF32 (the compiled default for a float32 tl.dot)
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if splits > 1:
-        block_r = _MERGE_ROWS if d <= 128 else _MERGE_ROWS // 2
+        block_r = merge_rows(d)
         _merge_kernel[(bsz, triton.cdiv(lq * hq, block_r))](
             o_part, lse_part, out, cache_seqlens, q_seqlens,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
             lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             lq, hq, capacity, splits,
-            HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_R=block_r,
+            HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_R=block_r,
         )
     return out
-
-
-# D = 64/128 in fp16 and bf16; and, in bf16 only (the padding does not depend on the dtype), two head sizes that
-# pad: D = 16 (BLOCK_D 16, the tl.dot minimum) and D = 80 (phi-2; BLOCK_D 128, 48 masked lanes)
-_AOT_HEAD_SIZES = {"fp16": (64, 128), "bf16": (16, 64, 80, 128)}
-
-
-def _aot_specs() -> list[dict]:
-    """Decode (G = 4, 256 rows: 64 branches) and merge kernels for ``_AOT_HEAD_SIZES``. ``paged`` and ``split``
-    each change the code; one contiguous-unsplit and one paged-split variant compile both paths in half the time."""
-    ints = ("stride_qb stride_qi stride_qh stride_kb stride_kn stride_kh stride_vb stride_vn stride_vh stride_sb "
-            "stride_bt stride_ob stride_oi stride_oh stride_ps stride_pb stride_pi stride_ph stride_ls stride_lb "
-            "stride_li Lq capacity block_size num_blocks row_tiles num_splits").split()
-    merge_ints = ("stride_ps stride_pb stride_pi stride_ph stride_ls stride_lb stride_li stride_ob stride_oi "
-                  "stride_oh Lq Hq capacity num_splits").split()
-    specs = []
-    for dtype in ("fp16", "bf16"):
-        for d in _AOT_HEAD_SIZES[dtype]:
-            bd = _block_d(d)
-            block_m, block_n, warps = _tiles(64 * 4, bd)
-            for paged, split in ((False, False), (True, True)):
-                sig = {name: "*i32" for name in ("SEG", "BR", "CACHE_SEQLENS", "Q_SEQLENS", "BLOCK_TABLE")}
-                sig.update({name: f"*{dtype}" for name in ("Q", "K", "V", "OUT")})
-                sig.update(O_PART="*fp32", LSE_PART="*fp32", qk_scale="fp32", **{name: "i32" for name in ints})
-                specs.append(dict(
-                    name=f"decode_{dtype}_d{d}{'_paged_split' if paged else ''}", fn=_decode_kernel, signature=sig,
-                    num_warps=warps, constexprs=dict(G=4, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                     PAGED=paged, SPLIT=split, CAST_F32=False,
-                                                     DOT_PRECISION="tf32"),
-                ))
-            sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dtype}", "CACHE_SEQLENS": "*i32",
-                   "Q_SEQLENS": "*i32", **{name: "i32" for name in merge_ints}}
-            specs.append(dict(name=f"decode_merge_{dtype}_d{d}", fn=_merge_kernel, signature=sig,
-                              constexprs=dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_R=_MERGE_ROWS)))
-    return specs
-
-
-AOT_SPECS = _aot_specs()

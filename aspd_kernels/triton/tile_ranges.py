@@ -27,6 +27,11 @@ TILE_FULL = tl.constexpr(2)
 _INT32_MAX = tl.constexpr(2147483647)
 
 
+# Packed lengths vary from batch to batch: specialising on their value (== 1, % 16) would compile a new kernel
+# for the same code while training on varying packs; the strides keep their alignment hints.
+PACK_SIZES = ("total_q", "total_k", "max_seqlen_q", "max_seqlen_k")
+
+
 @triton.jit
 def seq_bounds(CU_Q, CU_K, b, total_q, total_k, max_seqlen_q, max_seqlen_k):
     """``(q_start, len_q, k_start, len_k)`` of sequence ``b``, clamped so that no input, however wrong
@@ -74,7 +79,7 @@ def tile_class(q_lo, q_hi, q_whole, qs_min, qs_max, qb_min, qb_max,
     return tl.where(skip, TILE_SKIP, tl.where(full, TILE_FULL, TILE_MASKED))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*PACK_SIZES, "max_tiles"])
 def _tile_ranges_kernel(SEG, BR, CU_Q, CU_K, RANGES, total_q, total_k, max_seqlen_q, max_seqlen_k, max_tiles,
                         BLOCK: tl.constexpr, QUERY_TILES: tl.constexpr):
     """``RANGES[b, t, 0:4]`` = id range of tile ``t`` of sequence ``b``. Key tiles start at slot 0; query tiles
@@ -116,7 +121,7 @@ def tile_ranges(segment: torch.Tensor, branch: torch.Tensor, cu_seqlens_q: torch
     return ranges
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*PACK_SIZES, "max_own", "max_other"])
 def _tile_lists_kernel(SEG, BR, CU_Q, CU_K, RANGES, LISTS, COUNTS, total_q, total_k, max_seqlen_q, max_seqlen_k,
                        max_own, max_other, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        KEY_MAJOR: tl.constexpr, CHUNK: tl.constexpr):
@@ -210,7 +215,7 @@ def tile_lists(segment: torch.Tensor, branch: torch.Tensor, cu_seqlens_q: torch.
 _LIST_CHUNK = 128  # other-side tiles classified per vector step of _tile_lists_kernel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*PACK_SIZES, "max_qtiles", "max_ktiles"])
 def _classify_kernel(SEG, BR, CU_Q, CU_K, KRANGES, CLASSES, total_q, total_k, max_seqlen_q, max_seqlen_k,
                      max_qtiles, max_ktiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KTILES: tl.constexpr):
     """Debug view: ``CLASSES[b, m, n]`` = the class the forward kernel gives (query tile m, key tile n) of sequence
@@ -263,7 +268,7 @@ def _aot_specs() -> list[dict]:
     ids = {n: "*i32" for n in ("SEG", "BR", "CU_Q", "CU_K")}
     sizes = {n: "i32" for n in ("total_q", "total_k", "max_seqlen_q", "max_seqlen_k")}
     specs = []
-    for block in (32, 64, 128):  # every BLOCK_M / BLOCK_N of the branch_attention tile tables
+    for block in (16, 32, 64, 128):  # every BLOCK_M / BLOCK_N of the branch_attention tile tables
         for query in (False, True):
             specs.append(dict(
                 name=f"tile_ranges_b{block}_{'q' if query else 'k'}", fn=_tile_ranges_kernel,
@@ -271,7 +276,7 @@ def _aot_specs() -> list[dict]:
                 constexprs=dict(BLOCK=block, QUERY_TILES=query),
             ))
     # the (BLOCK_M, BLOCK_N) pairs of the branch_attention tile tables
-    for bm, bn in ((128, 64), (64, 64), (32, 64), (64, 32), (32, 32)):
+    for bm, bn in ((128, 64), (128, 32), (64, 64), (32, 64), (64, 32), (32, 32), (32, 16), (16, 16)):
         for key_major in (False, True):
             specs.append(dict(
                 name=f"tile_lists_m{bm}_n{bn}_{'k' if key_major else 'q'}", fn=_tile_lists_kernel,

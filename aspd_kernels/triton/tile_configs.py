@@ -1,0 +1,102 @@
+"""Tile tables of the attention kernels, per GPU architecture. No autotuning: block skipping builds its tile lists
+with the block size the kernel uses, and one fixed table keeps CUDA-graph capture and torch.compile free of
+benchmarking runs.
+
+Every entry is compiled ahead of time in CI for the target it serves (``aot_specs.py``, ``.ci/aot_compile_triton.py``)
+with the JIT's alignment hints, and refused there if a fp16/bf16 kernel spills registers or any kernel needs more
+shared memory than the part has. Capabilities: 90 (H100/H200, 227 KB of shared memory per block), 80 (A100, 163 KB),
+86/89 (99 KB); anything older is treated as 80, anything newer as 90. float32 is a correctness path (IEEE dots,
+twice the registers per element): its tiles are the smallest that keep its stack small, and its spills are
+reported by CI, not refused.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+HOPPER, AMPERE, ADA = 90, 80, 89
+AOT_CAPABILITIES = (HOPPER, AMPERE, ADA)  # the architectures whose table entries CI compiles and checks
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+@functools.cache
+def _capability_of_index(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def capability(device: torch.device) -> int:
+    """``10 * major + minor`` of a CUDA device; 90 elsewhere (the interpreter uses its own tiles anyway)."""
+    if device.type != "cuda":
+        return HOPPER
+    return _capability_of_index(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _small_smem(cap: int) -> bool:
+    """sm_86/sm_89: 99 KB of shared memory per block, against 163 KB (sm_80) and 227 KB (sm_90)."""
+    return cap in (86, 87, 89)
+
+
+def block_d(head_dim: int) -> int:
+    """The head dimension padded to a power of two, at least 16 (the K extent of a ``tl.dot``); the kernels mask
+    the lanes ``>= head_dim`` on every load and store."""
+    return max(triton.next_power_of_2(head_dim), 16)
+
+
+def fwd_config(head_dim: int, dtype: torch.dtype, cap: int = HOPPER) -> Config:
+    """Prefill forward tiles. A tall query tile amortises the K/V reads; on sm_80/sm_89 the 4-warp tiles of sm_90
+    spill (32-64 B of stack at 255 registers, compiled 2026-11-25), so they take 8 warps (D <= 64) or a 32-key tile
+    (D = 128) instead. D = 256 and float32 shrink the tiles."""
+    bd = block_d(head_dim)
+    if dtype == torch.float32:  # IEEE fp32 dots: 7 KB of stack at 64 x 32 x 4 warps, 0-0.9 KB at 32 x 32
+        return Config(32, 32, 4, 2) if bd <= 128 else Config(32, 16, 4, 2)  # width 256: 68 KB, fits 99 KB parts
+    if bd <= 64:
+        return Config(128, 64, 4, 3) if cap >= HOPPER else Config(128, 64, 8, 3)
+    if bd <= 128:
+        return Config(128, 64, 8, 2) if cap >= HOPPER else Config(128, 32, 8, 3)
+    return Config(64, 32, 8, 2)  # 4 warps spilled 88-136 B at width 256
+
+
+def bwd_configs(head_dim: int, dtype: torch.dtype, cap: int = HOPPER) -> tuple[Config, Config]:
+    """(dK/dV tiles, dQ tiles). The dK/dV program holds two fp32 ``[BLOCK_N, D]`` accumulators plus its K and V
+    tiles, so at D=128 its query tile shrinks to 32 rows (64 rows spill); the dQ program holds one accumulator."""
+    bd = block_d(head_dim)
+    if dtype == torch.float32:
+        if bd > 128:  # 32 x 32 tiles need 131-135 KB of shared memory at width 256; 16 x 16 fit 99 KB parts
+            return (Config(16, 16, 4, 1),) * 2
+        return (Config(32, 32, 8, 1),) * 2 if bd > 64 else (Config(32, 32, 4, 1),) * 2
+    if bd <= 64:
+        return Config(64, 64, 4, 2), Config(64, 64, 4, 2)
+    if bd <= 128:
+        return Config(32, 64, 8, 2), Config(64, 64, 8, 2)
+    return Config(32, 32, 4, 1), Config(32, 32, 4, 1)
+
+
+def decode_config(rows: int, head_dim: int, dtype: torch.dtype, cap: int = HOPPER) -> Config:
+    """Decode tiles for ``rows`` query rows per KV head (new tokens x GQA group): every row in one tile up to 128
+    (64 at a padded width of 256), ``tl.dot`` needs >= 16. Registers and shared memory grow with the padded width,
+    so D = 80 is tiled as 128.
+
+    Compiled 2026-11-25 (shared memory, stack): sm_80 spilled 8-24 B with sm_90's 4 warps at 64 rows x 128 and
+    with 3 stages at D = 16, hence 8 warps and 2 stages there; three stages of a 256-wide tile need 102,912 B, two on
+    99 KB parts; float32 tiles (4-byte K/V, IEEE dots) needed up to 205 KB and spilled 8 KB at 128 rows, hence 32
+    rows and 32 keys (16 at width 256), two stages."""
+    bd = block_d(head_dim)
+    if dtype == torch.float32:
+        return Config(min(max(16, triton.next_power_of_2(rows)), 32), 32 if bd <= 128 else 16, 4, 2)
+    block_m = min(max(16, triton.next_power_of_2(rows)), 64 if bd > 128 else 128)
+    block_n = 32 if bd > 128 or block_m >= 128 else 64
+    if cap >= HOPPER:
+        return Config(block_m, block_n, 8 if block_m * bd >= 128 * 128 else 4, 3)
+    stages = 2 if (bd > 128 and _small_smem(cap)) or bd <= 16 else 3
+    return Config(block_m, block_n, 8 if block_m * bd >= 64 * 128 else 4, stages)

@@ -64,18 +64,21 @@ def _dkdv_tiles(dk, dv, k, v, k_slot, k_seg, k_br, Q, DOUT, LSE, DELTA, SEG, BR,
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         lse, delta = _row_stats(LSE, DELTA, h, stride_lh, q_start, rows, row_ok)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        # Transposed, [BLOCK_N keys, BLOCK_M queries]: every product has the key tile as its M dimension, so with
+        # 32-row query tiles (D = 128) all five dots stay on Hopper's wgmma, which needs M >= 64 (q @ k^T had M = 32
+        # and fell back to mma.sync for two of them).
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
         if MASKED:
             q_seg = tl.load(SEG + k_start + off + rows, mask=row_ok, other=0)
             q_br = tl.load(BR + k_start + off + rows, mask=row_ok, other=0)
             # padding keys sit after every query (causal term); padding rows have p = 0 already (lse = +inf)
-            visible = (k_slot[None, :] <= (off + rows)[:, None]) & (
-                (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None]))
-            p = tl.where(visible, p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            visible = (k_slot[:, None] <= (off + rows)[None, :]) & (
+                (k_seg[:, None] != q_seg[None, :]) | (k_br[:, None] == q_br[None, :]))
+            pt = tl.where(visible, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 

@@ -69,7 +69,9 @@ def fwd_config(head_dim: int, dtype: torch.dtype, cap: int = HOPPER) -> Config:
 
 def bwd_configs(head_dim: int, dtype: torch.dtype, cap: int = HOPPER) -> tuple[Config, Config]:
     """(dK/dV tiles, dQ tiles). The dK/dV program holds two fp32 ``[BLOCK_N, D]`` accumulators plus its K and V
-    tiles, so at D=128 its query tile shrinks to 32 rows (64 rows spill); the dQ program holds one accumulator."""
+    tiles, so at D=128 its query tile shrinks to 32 rows (64 rows spill); it computes in the transposed order (key
+    tile as the M dimension of every dot), so 32-row query tiles still run on wgmma. The dQ program holds one
+    accumulator."""
     bd = block_d(head_dim)
     if dtype == torch.float32:
         if bd > 128:  # 32 x 32 tiles need 131-135 KB of shared memory at width 256; 16 x 16 fit 99 KB parts
@@ -79,7 +81,7 @@ def bwd_configs(head_dim: int, dtype: torch.dtype, cap: int = HOPPER) -> tuple[C
         return Config(64, 64, 4, 2), Config(64, 64, 4, 2)
     if bd <= 128:
         return Config(32, 64, 8, 2), Config(64, 64, 8, 2)
-    return Config(32, 32, 4, 1), Config(32, 32, 4, 1)
+    return Config(32, 32, 8, 1), Config(32, 32, 4, 1)  # dK/dV at 4 warps spilled 16-48 B at width 256
 
 
 def decode_config(rows: int, head_dim: int, dtype: torch.dtype, cap: int = HOPPER) -> Config:

@@ -17,8 +17,10 @@
 #                                                                                                  <= 150 s
 #           3. prefill at N=8k, K=16, the same baselines                                           <=  90 s
 #           4. a one-screen summary (bench.gpu_summary) and one tarball of every log
-# second  the rerun after fixes, <= 5 minutes: the kernel tests again (failed first: --lf is not available on a
-#         fresh machine, so all of them), then the decode sweep over N at K=16 and the Llama-3-8B end-to-end case
+# second  the next session's first call, <= 6 minutes: the kernel tests (the tile tables, transposed dK/dV and the
+#         occupancy-based CUDA splits changed since the first run), the split probe with the new auto choices
+#         (decides issue 12 item 7: serial decoding to Triton, or a keys-across-warps CUDA kernel) and Llama-3-8B
+#         end to end
 #
 # Older single-purpose stages (each builds the extension first if it is not importable):
 #   build | test | sanitizer | prefill | backward | decode | small | e2e-1b | e2e-8b | e2e-qwen | train | key |
@@ -232,12 +234,15 @@ verify() {  # the third call of the first lent session: the tests that failed or
   summary >/dev/null
 }
 
-second() {
+second() {  # the next lent session: re-judge the kernels after the CPU-side changes, then the decisions NOTES.md lists
   require_gpu
   build
-  kernel_tests second 150
-  key_bench decode-sweep branch_attention_with_kvcache "K=16 interleaved H=32/8 D=128" 70
-  key_bench e2e-8b e2e llama-3-8b 60
+  kernel_tests second 170
+  log "probe: python -m bench.decode_probe (auto per backend and every split count, K = 1, 4, 16, 64)"
+  timeout 80 "$PY" -m bench.decode_probe --out "$RES/decode-probe.jsonl" >"$RES/decode-probe.log" 2>&1
+  log "probe: exit $?"
+  tail -10 "$RES/decode-probe.log"
+  key_bench e2e-8b e2e llama-3-8b 50
   summary
 }
 

@@ -89,8 +89,9 @@ def decode_config(rows: int, head_dim: int, dtype: torch.dtype, cap: int = HOPPE
     (64 at a padded width of 256), ``tl.dot`` needs >= 16. Registers and shared memory grow with the padded width,
     so D = 80 is tiled as 128.
 
-    Compiled 2026-11-25 (shared memory, stack): sm_80 spilled 8-24 B with sm_90's 4 warps at 64 rows x 128 and
-    with 3 stages at D = 16, hence 8 warps and 2 stages there; three stages of a 256-wide tile need 102,912 B, two on
+    Compiled 2026-11-25 (shared memory, stack): 64 rows x 128 with 4 warps spilled 8-24 B on sm_80 (triton 3.7)
+    and 16 B on sm_90 (triton 3.6, the GPU image's), hence 8 warps from 64 x 128 up; sm_80 spilled 8 B with 3
+    stages at D = 16, hence 2 there; three stages of a 256-wide tile need 102,912 B, two on
     99 KB parts; float32 tiles (4-byte K/V, IEEE dots) needed up to 205 KB and spilled 8 KB at 128 rows, hence 32
     rows and 32 keys (16 at width 256), two stages."""
     bd = block_d(head_dim)
@@ -98,7 +99,8 @@ def decode_config(rows: int, head_dim: int, dtype: torch.dtype, cap: int = HOPPE
         return Config(min(max(16, triton.next_power_of_2(rows)), 32), 32 if bd <= 128 else 16, 4, 2)
     block_m = min(max(16, triton.next_power_of_2(rows)), 64 if bd > 128 else 128)
     block_n = 32 if bd > 128 or block_m >= 128 else 64
+    warps = 8 if block_m * bd >= 64 * 128 else 4
     if cap >= HOPPER:
-        return Config(block_m, block_n, 8 if block_m * bd >= 128 * 128 else 4, 3)
+        return Config(block_m, block_n, warps, 3)
     stages = 2 if (bd > 128 and _small_smem(cap)) or bd <= 16 else 3
-    return Config(block_m, block_n, 8 if block_m * bd >= 64 * 128 else 4, stages)
+    return Config(block_m, block_n, warps, stages)

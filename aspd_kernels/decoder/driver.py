@@ -93,21 +93,26 @@ class Driver:
     def _eager(self, asks: list[tuple[Request, list[int]]], spans: list[tuple[int, int]]) -> list[Tensor | None]:
         bsz = self.cache.k.shape[1]
         width = max(e - a for a, e in spans)
-        tok = torch.zeros((bsz, width), dtype=torch.int64)
-        ids = torch.zeros((3, bsz, width), dtype=torch.int32)
-        lens = torch.zeros((2, bsz), dtype=torch.int32)  # rows not asking: q_seqlens 0, nothing read or written
+        # built as Python lists and turned into three tensors at once: a per-request tensor and slice assignment
+        # each cost a few aten calls, which at a tiny model's step is host time on the critical path
+        tok = [[0] * width for _ in range(bsz)]
+        ids = [[[0] * width for _ in range(bsz)] for _ in range(3)]  # positions, segment, branch
+        lens = [[0] * bsz, [0] * bsz]  # rows not asking: q_seqlens 0, nothing read or written
         pick_b, pick_t = [], []
         for (req, rows), (a, e) in zip(asks, spans):
             b, n = req.row, e - a
-            tok[b, :n] = torch.tensor(req.tokens[a:e])
-            ids[:, b, :n] = torch.tensor([req.pos[a:e], req.seg[a:e], req.br[a:e]], dtype=torch.int32)
-            lens[:, b] = torch.tensor([e, n], dtype=torch.int32)
+            tok[b][:n] = req.tokens[a:e]
+            ids[0][b][:n], ids[1][b][:n], ids[2][b][:n] = req.pos[a:e], req.seg[a:e], req.br[a:e]
+            lens[0][b], lens[1][b] = e, n
             pick_b += [b] * len(rows)
             pick_t += [r - a for r in rows]
         dev = self.device
-        tok, ids, lens = tok.to(dev), ids.to(dev), lens.to(dev)
-        h = self.model.hidden(Batch(tok, ids[0], ids[1], ids[2], lens[0], lens[1]), self.cache, self.check_values)
-        logits = self.model.logits(h[pick_b, pick_t]) if pick_b else None
+        tok_t = torch.tensor(tok, dtype=torch.int64, device=dev)
+        ids_t = torch.tensor(ids, dtype=torch.int32, device=dev)
+        lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
+        h = self.model.hidden(Batch(tok_t, ids_t[0], ids_t[1], ids_t[2], lens_t[0], lens_t[1]), self.cache,
+                              self.check_values)
+        logits = self.model.logits(_rows_of(h, pick_b, pick_t)) if pick_b else None
         outs, k = [], 0
         for _, rows in asks:
             outs.append(logits[k:k + len(rows)] if rows else None)
@@ -168,6 +173,15 @@ class Driver:
                 raise ValueError(f"{tag} must hold at least one token")
             out.append(ids)
         return out
+
+
+def _rows_of(h: Tensor, pick_b: list[int], pick_t: list[int]) -> Tensor:
+    """``h[pick_b, pick_t]`` (``h [B, L, hidden]`` -> ``[len(pick_b), hidden]``); a view when the picks are one
+    row's consecutive slots (every serial or single-request step), which skips an advanced-indexing gather."""
+    b, t0 = pick_b[0], pick_t[0]
+    if pick_b.count(b) == len(pick_b) and pick_t == list(range(t0, t0 + len(pick_t))):
+        return h[b, t0:t0 + len(pick_t)]
+    return h[pick_b, pick_t]
 
 
 def check_ids(name: str, ids: Sequence[int] | Tensor, vocab: int) -> list[int]:

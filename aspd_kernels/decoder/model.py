@@ -15,6 +15,7 @@ from ..branch_attention_with_kvcache import _overload as attn_run
 from ..branch_attention_with_kvcache import prepare as attn_plan
 from ..rope_append_kv import _overload as rope_run
 from ..rope_append_kv import prepare as rope_plan
+from ..torch_backend.step_cache import step_scope
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -140,8 +141,12 @@ class Transformer(nn.Module):
     def hidden(self, b: Batch, cache: KVCache, check_values: bool = True) -> Tensor:
         b.plan = None  # planned again by the first layer: shapes may differ from the batch's last forward
         x = self.model.embed_tokens(b.tokens)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, b, self.cos_sin, cache, i, check_values)
+        # the torch backend derives its rotary factors, cache slots and masks once, in the first layer, and every
+        # other layer reuses them: nothing in Batch or the cache ids changes between layers but the ops' own
+        # writes of the same ids (step_cache's contract). The GPU backends ignore the scope.
+        with step_scope():
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, b, self.cos_sin, cache, i, check_values)
         return self.model.norm(x)
 
     def logits(self, h: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import sdpa_tiles
+from . import decode, sdpa_tiles
 
 _TILE_ELEMENTS = 1 << 22  # scores held at once per tile, over all heads (32 MiB of float64)
 _BLOCK_K = 512
@@ -164,6 +164,9 @@ def _cache_view(cache, block_table, b: int, n: int):
 
 def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table,
                                   softmax_scale):
+    if sdpa_tiles.supported(q):
+        return decode.branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens,
+                                                    block_table, softmax_scale)
     bsz, lq_max = q.shape[:2]
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     out = torch.zeros(q.shape[:-1] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)

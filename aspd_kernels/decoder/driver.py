@@ -47,6 +47,7 @@ class Driver:
                              f"implement: use max_seq_len <= {cfg.sliding_window}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.max_seq_len = max_seq_len
@@ -154,8 +155,8 @@ class Driver:
         return sample(logits, params, gen, bias).tolist()
 
     def _requests(self, n: int, strategy: str) -> list[Request]:
-        if n > self.cache.k.shape[1]:
-            raise ValueError(f"{n} requests exceed max_batch={self.cache.k.shape[1]}")
+        if n > self.max_batch:
+            raise ValueError(f"{n} requests exceed max_batch={self.max_batch}")
         reqs = [Request(self.max_seq_len, self.max_position, strategy, row=b) for b in range(n)]
         t0 = self._sync()
         for r in reqs:

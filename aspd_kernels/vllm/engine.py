@@ -164,15 +164,6 @@ class VllmDecoder(ParallelDecoder):
                              f"{self.max_branches}")
         return ParallelDecoder._open_branches(req, prompts, width)
 
-    def _requests(self, n: int, strategy: str) -> list[Request]:
-        if n > self.max_batch:
-            raise ValueError(f"{n} requests exceed max_batch={self.max_batch}")
-        reqs = [Request(self.max_seq_len, self.max_position, strategy, row=b) for b in range(n)]
-        t0 = self._sync()
-        for r in reqs:
-            r.t0 = t0
-        return reqs
-
     # ------------------------------------------------------------------ forward pass
     def _feed(self, asks: list[tuple[Request, list[int]]]) -> list[Tensor | None]:
         """One engine step: a vLLM request per asked row, all submitted together; per request the float32

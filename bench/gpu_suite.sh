@@ -7,7 +7,7 @@
 # first   the first call on a fresh machine, at most ~6.5 minutes of wall time by design (per-step limits below):
 #           0. refuse to run without a GPU; TRITON_INTERPRET=0 (the Triton kernels run compiled, never interpreted);
 #              the extension prebuilt here against torch 2.11+cu130 / Python 3.12 and carried
-#              (aspd_kernels/_C.cpython-312-x86_64-linux-gnu.so, see .ci/gpu_image_stack.sh), else built (~1 min)
+#              (aspd_kernels/_C.cpython-312-x86_64-linux-gnu.so: bash .ci/build_gpu_extension.sh), else built
 #                                                                                                  <=  20 s (+60)
 #           1. the kernel tests, compiled Triton and CUDA, pytest-xdist over the CPUs              <= 180 s
 #              beside them, compute-sanitizer memcheck then racecheck on bench/sanitizer_case.py    (parallel)

@@ -7,6 +7,7 @@ grid on a GPU) and writes ``<out>/<date>-<device>[-<tag>].jsonl``, ``.md`` and `
     python -m bench --ops e2e --models llama-3-8b
     python -m bench --ops branch_attention_with_kvcache --cases "N=32768 K=16 interleaved H=32/8 D=128"
     python -m bench --ops host                        # the host-path report (bench/host.py), CPU only
+    python -m bench --ops vllm                        # parallel sections through vLLM (bench/bench_vllm.py), CPU
 
 Exit status 1 when any implementation failed (an ``error`` row); skipped implementations (not available here,
 over a memory cap) are listed with their reason and do not fail the run.
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         host.report(sys.argv[1:] if argv is None else argv, args.out)
         return 0
+    if ops == ["vllm"]:  # starts vLLM engines (minutes): only when asked, never in the default run
+        from . import bench_vllm
+
+        return bench_vllm.main(["--out", args.out])
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         sys.exit(f"unknown op(s) {unknown}; choose from {list(OPS)}")

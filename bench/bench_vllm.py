@@ -69,6 +69,7 @@ def run(ks: list[int], length: int, repeats: int) -> list[dict]:
 
 def write(rows: list[dict], out: str) -> str:
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    os.makedirs(out, exist_ok=True)
     prefix = os.path.join(out, f"{date}-cpu-vllm")
     with open(prefix + ".jsonl", "w") as f:
         for r in rows:

@@ -68,43 +68,18 @@ PYEOF
 }
 
 run_tests() {
-  # the kernels on the GPU first, so a stage that hits its limit has already judged them; then everything else
-  # (decoder, transformers, bench harness), whose GPU use is light. Each part gets its own time limit.
-  local gpu_files=(python_tests/test_cuda_kernels.py python_tests/test_triton_branch_attention.py
-                   python_tests/test_triton_decode.py python_tests/test_triton_positions_rope.py
-                   python_tests/test_large_offsets.py python_tests/test_capturable.py)
-  local ignore=()
-  for f in "${gpu_files[@]}"; do ignore+=(--ignore "$f"); done
-  log "test: pytest on the kernels (${#gpu_files[@]} files)"
-  timeout 300 "$PY" -m pytest "${gpu_files[@]}" -q -p no:cacheprovider --benchmark-disable -rs \
-    >"$RES/tests-kernels.log" 2>&1
-  local rc=$?
-  tail -15 "$RES/tests-kernels.log"
-  log "test: kernels exit $rc"
-  [ $rc -eq 0 ] || status=1
+  # the kernels on the GPU first (kernel_tests), so a stage that hits its limit has already judged them; then
+  # everything else (decoder, transformers, bench harness), whose GPU use is light. Each part has its own limit.
+  kernel_tests kernels 300
+  local ignore=() f
+  for f in "${KERNEL_TESTS[@]}"; do ignore+=(--ignore "$f"); done
   log "test: pytest on the rest"
   timeout 240 "$PY" -m pytest python_tests "${ignore[@]}" -x -q -p no:cacheprovider --benchmark-disable -rs \
     >"$RES/tests-rest.log" 2>&1
-  rc=$?
+  local rc=$?
   tail -15 "$RES/tests-rest.log"
   log "test: rest exit $rc"
   [ $rc -eq 0 ] || status=1
-}
-
-sanitizer() {
-  local cs
-  cs="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
-  if [ -z "$cs" ]; then log "sanitizer: compute-sanitizer not found"; status=1; return; fi
-  local limit
-  for tool in memcheck racecheck; do
-    limit=$([ "$tool" = memcheck ] && echo 240 || echo 180)
-    log "sanitizer: $tool (timeout ${limit}s)"
-    timeout "$limit" "$cs" --tool "$tool" --error-exitcode 1 "$PY" -m bench.sanitizer_case >"$RES/sanitizer-$tool.log" 2>&1
-    local rc=$?
-    tail -15 "$RES/sanitizer-$tool.log"
-    log "sanitizer: $tool exit $rc"
-    [ $rc -eq 0 ] || status=1
-  done
 }
 
 bench() {  # bench TAG ARGS...
@@ -150,23 +125,27 @@ kernel_tests() {  # kernel_tests TAG LIMIT_S: compiled Triton + CUDA against the
 }
 
 sanitizer_bg() {  # memcheck then racecheck of the small case of every op, in the background
-  # racecheck instruments every shared-memory access: only our kernels (SAN_RACE_FILTER, a kernel-name substring)
-  local cs
+  # racecheck instruments every shared-memory access: by default only the kernels whose name holds SAN_RACE_FILTER
+  # ("decode"; set it empty for every kernel). SAN_MEM_LIMIT / SAN_RACE_LIMIT: seconds for each tool.
+  local cs filter=()
   cs="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
-  [ -n "$cs" ] || { log "sanitizer: compute-sanitizer not found"; return 1; }
+  [ -n "$cs" ] || { log "sanitizer: compute-sanitizer not found"; status=1; return; }
+  [ -n "${SAN_RACE_FILTER-decode}" ] && filter=(--kernel-name "kns=${SAN_RACE_FILTER-decode}")
   (
     if [ "${SAN_MEMCHECK:-1}" = 1 ]; then
-      timeout 100 "$cs" --tool memcheck --error-exitcode 9 "$PY" -m bench.sanitizer_case >"$RES/sanitizer-memcheck.log" 2>&1
+      timeout "${SAN_MEM_LIMIT:-100}" "$cs" --tool memcheck --error-exitcode 9 "$PY" -m bench.sanitizer_case \
+        >"$RES/sanitizer-memcheck.log" 2>&1
       echo "memcheck exit $?" >>"$RES/sanitizer-memcheck.log"
     fi
-    timeout "${SAN_RACE_LIMIT:-75}" "$cs" --tool racecheck --racecheck-report all --error-exitcode 9 \
-      --kernel-name "kns=${SAN_RACE_FILTER:-decode}" "$PY" -m bench.sanitizer_case >"$RES/sanitizer-racecheck.log" 2>&1
+    timeout "${SAN_RACE_LIMIT:-75}" "$cs" --tool racecheck --racecheck-report all --error-exitcode 9 "${filter[@]}" \
+      "$PY" -m bench.sanitizer_case >"$RES/sanitizer-racecheck.log" 2>&1
     echo "racecheck exit $?" >>"$RES/sanitizer-racecheck.log"
   ) &
   SAN_PID=$!
 }
 
 sanitizer_wait() {
+  [ -n "${SAN_PID:-}" ] || return 0  # not started (compute-sanitizer missing: already logged and counted)
   wait "$SAN_PID"
   for tool in $([ "${SAN_MEMCHECK:-1}" = 1 ] && echo memcheck) racecheck; do
     tail -4 "$RES/sanitizer-$tool.log"
@@ -190,7 +169,6 @@ key_bench() {  # key_bench TAG OPS CASES LIMIT_S
 summary() { "$PY" -m bench.gpu_summary "$RES" | tee "$RES/summary.md"; }
 
 first() {
-  require_gpu
   build
   sanitizer_bg
   kernel_tests first 180
@@ -201,7 +179,6 @@ first() {
 }
 
 diagnose() {  # the second call of the first lent session: which kernel tests fail and why; the split-count probe
-  require_gpu
   build
   SAN_MEMCHECK=0; SAN_RACE_LIMIT=160
   sanitizer_bg
@@ -216,7 +193,6 @@ diagnose() {  # the second call of the first lent session: which kernel tests fa
 }
 
 verify() {  # the third call of the first lent session: the tests that failed or were cut, after the fixes
-  require_gpu
   build
   KERNEL_TESTS=(python_tests/test_triton_decode.py python_tests/test_branch_attention.py python_tests/test_capturable.py
                 python_tests/test_triton_branch_attention.py
@@ -235,7 +211,6 @@ verify() {  # the third call of the first lent session: the tests that failed or
 }
 
 second() {  # the next lent session: re-judge the kernels after the CPU-side changes, then the decisions NOTES.md lists
-  require_gpu
   build
   kernel_tests second 170
   log "probe: python -m bench.decode_probe (auto per backend and every split count, K = 1, 4, 16, 64)"
@@ -249,10 +224,11 @@ second() {  # the next lent session: re-judge the kernels after the CPU-side cha
 [ $# -ge 1 ] || { sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >>"$RES/suite.log" 2>&1
 for stage in "$@"; do
+  [ "$stage" = report ] || require_gpu  # every stage but the report needs the GPU: refuse at once without one
   case "$stage" in
     build) build ;;
     test) build; run_tests ;;
-    sanitizer) build; sanitizer ;;
+    sanitizer) build; SAN_MEM_LIMIT=240; SAN_RACE_LIMIT=180; SAN_RACE_FILTER=""; sanitizer_bg; sanitizer_wait ;;
     first) first ;;
     second) second ;;
     diagnose) diagnose ;;

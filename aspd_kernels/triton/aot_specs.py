@@ -17,7 +17,8 @@ from .branch_attention import preprocess_rows
 from .branch_attention_backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .branch_attention_forward import fwd_kernel
 from .branch_attention_with_kvcache import _decode_kernel, _merge_kernel, merge_rows
-from .tile_configs import ADA, AMPERE, HOPPER, Config, block_d, bwd_configs, decode_config, fwd_config
+from .tile_configs import (ADA, AMPERE, HOPPER, Config, block_d, bwd_configs, decode_config, dot_precision,
+                           fwd_config)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEAD_SIZES = (16, 64, 80, 128, 256)
@@ -54,7 +55,7 @@ def _spec(name: str, fn, signature: dict, constexprs: dict, cfg: Config | None, 
 
 def _prefill_specs(dt: str, d: int) -> list[dict]:
     torch_dt, ptr, bd = DTYPES[dt], f"*{dt}", block_d(d)
-    common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=bd, UPCAST=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32")
+    common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=bd, UPCAST=False, DOT_PRECISION=dot_precision(DTYPES[dt]))
     ids = {n: "*i32" for n in ("SEG", "BR", "CU_Q", "CU_K")}
     sizes = {n: I32 for n in ("total_q", "total_k", "max_seqlen_q", "max_seqlen_k")}
 
@@ -109,7 +110,7 @@ def _decode_specs(dt: str, d: int) -> list[dict]:
             specs.append(_spec(
                 f"decode_{dt}_d{d}_rows{rows}{'_paged' if paged else ''}{'_split' if split else ''}", _decode_kernel,
                 sig, dict(G=4, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
-                          SPLIT=split, CAST_F32=dt == "fp32", DOT_PRECISION="ieee" if dt == "fp32" else "tf32"),
+                          SPLIT=split, CAST_F32=dt == "fp32", DOT_PRECISION=dot_precision(DTYPES[dt])),
                 cfg, target, smem))
     merge_sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dt}", "CACHE_SEQLENS": "*i32",
                  "Q_SEQLENS": "*i32", **{name: I32 for name in _MERGE_INTS}}

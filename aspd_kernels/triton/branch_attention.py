@@ -31,7 +31,7 @@ import triton
 
 from .branch_attention_backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .branch_attention_forward import fwd_kernel
-from .tile_configs import Config, block_d, capability
+from .tile_configs import Config, block_d, capability, dot_precision
 from .tile_configs import bwd_configs as gpu_bwd_configs
 from .tile_configs import fwd_config as gpu_fwd_config
 from .tile_ranges import tile_lists
@@ -61,12 +61,8 @@ def _check_dtype(q: torch.Tensor) -> None:
 
 
 def _common(q: torch.Tensor) -> dict:
-    fp32 = q.dtype == torch.float32
-    return dict(
-        HEAD_DIM=q.shape[-1], BLOCK_D=block_d(q.shape[-1]), UPCAST=_interpreting(),
-        # full fp32 products for fp32 inputs (tf32 would lose ~3 digits); fp16/bf16 ignore the setting
-        DOT_PRECISION="ieee" if fp32 else "tf32",
-    )
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d(q.shape[-1]), UPCAST=_interpreting(),
+                DOT_PRECISION=dot_precision(q.dtype))
 
 
 def preprocess_rows(width: int) -> int:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tile_configs import block_d, capability, decode_config
+from .tile_configs import block_d, capability, decode_config, dot_precision
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _MIN_SPLIT_SLOTS = 256  # a split shorter than this costs more in merging than it gains in parallelism
@@ -276,8 +276,7 @@ def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         lq, capacity, k_cache.shape[1], k_cache.shape[0], row_tiles, splits,
         G=g, HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
         PAGED=paged, SPLIT=splits > 1, CAST_F32=_cast_to_f32(q.dtype),
-        # fp32 inputs must not be rounded to TF32 (the compiled default for a float32 tl.dot)
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     if splits > 1:

@@ -47,6 +47,13 @@ def _small_smem(cap: int) -> bool:
     return cap in (86, 87, 89)
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of every ``tl.dot``: IEEE for float32 operands, whose contract is full fp32 (TF32, the
+    compiled default, keeps 10 mantissa bits: ~1e-3 relative error); fp16/bf16 operands ignore it. CI refuses a TF32
+    dot on float32 operands (``.ci/triton_resources.py``)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def block_d(head_dim: int) -> int:
     """The head dimension padded to a power of two, at least 16 (the K extent of a ``tl.dot``); the kernels mask
     the lanes ``>= head_dim`` on every load and store."""

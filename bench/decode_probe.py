@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import sys
 
 import torch
@@ -23,37 +22,16 @@ from aspd_kernels import _cuda
 from aspd_kernels import branch_attention_with_kvcache as public_op
 
 from .cases import build_layout
-from .timing import l2_bytes
+from .timing import measure
 
 # the package re-exports the op under its module's name: import the module itself
 tk = importlib.import_module("aspd_kernels.triton.branch_attention_with_kvcache")
 
 
 def _time(fn, flush: str, reps: int = 40) -> float:
-    """Median ms of graph replays of ``fn``; ``flush`` in ("read", "write", "none")."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        fn()
-    buf = torch.ones(max(4 * l2_bytes(torch.device("cuda")), 256 << 20) // 4, dtype=torch.float32, device="cuda")
-    sink = torch.empty((), dtype=torch.float32, device="cuda")
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        if flush == "read":
-            torch.amax(buf, dim=0, out=sink)
-        elif flush == "write":
-            buf.zero_()
-        a.record()
-        graph.replay()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev)
+    """Median ms of ``reps`` CUDA-graph replays of ``fn``; ``flush`` in ("read", "write", "none")."""
+    return measure(fn, torch.device("cuda"), min_reps=reps, max_reps=reps, warmup=1, graph=True,
+                   flush=flush != "none", flush_by="write" if flush == "none" else flush).ms
 
 
 def _read_bandwidth() -> float:

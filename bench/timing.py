@@ -68,8 +68,20 @@ def _flush(device: torch.device) -> torch.Tensor:
     return _flush_buffers[idx]
 
 
+def _flusher(device: torch.device, by: str) -> Callable[[], object]:
+    """Empty L2 of the timed call's inputs: by writing the flush buffer (what ``triton.testing.do_bench`` does; it
+    leaves dirty lines the timed kernel then writes back) or by reading it (a reduction: clean lines only)."""
+    if by not in ("write", "read"):
+        raise ValueError(f"flush_by must be 'write' or 'read', got {by!r}")
+    buf = _flush(device)
+    if by == "write":
+        return buf.zero_
+    sink = torch.empty((), dtype=buf.dtype, device=device)
+    return lambda: torch.amax(buf, dim=0, out=sink)
+
+
 def measure(fn: Callable[[], object], device: torch.device, *, budget_s: float = 0.5, min_reps: int = 5,
-            max_reps: int = 200, warmup: int = 2, wall: bool = False, flush: bool = True,
+            max_reps: int = 200, warmup: int = 2, wall: bool = False, flush: bool = True, flush_by: str = "write",
             graph: bool = False) -> Timing:
     """Median time of ``fn()`` in milliseconds.
 
@@ -77,7 +89,8 @@ def measure(fn: Callable[[], object], device: torch.device, *, budget_s: float =
     ``budget_s`` (within ``[min_reps, max_reps]``). ``wall=True`` times host work too (synchronize, then
     ``perf_counter``): for functions such as ``create_block_mask`` or a decoding loop whose cost is partly on the
     host. CPU timings are always wall-clock. ``graph=True`` (GPU) times replays of a CUDA graph of ``fn`` when it
-    can be captured (``Timing.mode`` says which happened).
+    can be captured (``Timing.mode`` says which happened). ``flush_by``: how L2 is emptied before each rep
+    (``_flusher``).
     """
     cuda = device.type == "cuda"
     mode = "cpu" if not cuda else "wall" if wall else "eager"
@@ -98,11 +111,11 @@ def measure(fn: Callable[[], object], device: torch.device, *, budget_s: float =
     reps = int(min(max_reps, max(min_reps, budget_s / once)))
     samples: list[float] = []
     if cuda and not wall:
-        buf = _flush(device) if flush else None
+        empty_l2 = _flusher(device, flush_by) if flush else None
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
-            if buf is not None:
-                buf.zero_()
+            if empty_l2 is not None:
+                empty_l2()
             start.record()
             fn()
             end.record()
@@ -111,7 +124,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, budget_s: float =
     else:
         for _ in range(reps):
             if cuda and flush:
-                _flush(device).zero_()
+                _flusher(device, flush_by)()
                 sync()
             t0 = time.perf_counter()
             fn()

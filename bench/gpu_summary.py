@@ -14,16 +14,12 @@ import os
 import re
 import sys
 
-from .report import load
+from .report import impl, load
 
 # targets of the GPU issues (decode bandwidth, layout-changing decode against FlexAttention, prefill)
 DECODE_BW_TARGET = 0.85
 DECODE_FLEX_TARGET = 3.0
 PREFILL_FLEX_TARGET = 1.0
-
-
-def _impl(r: dict) -> str:
-    return f"aspd:{r['backend']}" if r.get("backend") else str(r.get("baseline"))
 
 
 def _fmt(x, spec: str) -> str:
@@ -64,7 +60,7 @@ def _case_table(rows: list[dict]) -> list[str]:
         flex = next((r for r in rs if r.get("baseline") == "flex" and r["status"] == "ok"), None)
         for r in rs:
             if r["status"] != "ok":
-                out.append(f"| {case} | {_impl(r)} | {r['status']}: {str(r.get('reason'))[:90]} | | | | | | |")
+                out.append(f"| {case} | {impl(r)} | {r['status']}: {str(r.get('reason'))[:90]} | | | | | | |")
                 continue
             frac = r.get("fraction_of_ceiling") or {}
             vs = vs_build = None
@@ -72,7 +68,7 @@ def _case_table(rows: list[dict]) -> list[str]:
                 vs = flex["ms"] / r["ms"]
                 build = (flex.get("extra_ms") or {}).get("layout_changes")
                 vs_build = build / r["ms"] if build else None
-            out.append(f"| {case} | {_impl(r)} | {r['ms']:.4g} | {_fmt(r.get('gbps'), '.0f')} | "
+            out.append(f"| {case} | {impl(r)} | {r['ms']:.4g} | {_fmt(r.get('gbps'), '.0f')} | "
                        f"{_fmt(frac.get('bandwidth') and 100 * frac['bandwidth'], '.0f')} | "
                        f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(frac.get('compute') and 100 * frac['compute'], '.0f')} | "
                        f"{_fmt(vs, '.2f')} | {_fmt(vs_build, '.2f')} |")
@@ -95,7 +91,7 @@ def _targets(decode: list[dict], prefill: list[dict]) -> list[str]:
             continue
         bw = (best.get("fraction_of_ceiling") or {}).get("bandwidth") or 0.0
         if k in (4, 16, 64):
-            out.append(f"- decode {case}: {_impl(best)} at {100 * bw:.0f}% of copy bandwidth "
+            out.append(f"- decode {case}: {impl(best)} at {100 * bw:.0f}% of copy bandwidth "
                        f"({'met' if bw >= DECODE_BW_TARGET else 'MISSED'}, target {100 * DECODE_BW_TARGET:.0f}%)")
         build = (flex or {}).get("extra_ms", {}).get("layout_changes")
         if build:

@@ -123,8 +123,8 @@ def test_broken_mask_is_caught(monkeypatch):
         k_index = torch.arange(k_start, k_start + k_seg.shape[0])
         return k_index[None, :] <= q_index[:, None]
 
-    monkeypatch.setattr(tb, "_visible", causal_only)  # the online-softmax tiles (other devices)
-    monkeypatch.setattr(st, "_visible", causal_only)  # SDPA per query tile (the CPU path)
+    monkeypatch.setattr(tb, "visible", causal_only)  # the online-softmax tiles (other devices)
+    monkeypatch.setattr(st, "visible", causal_only)  # SDPA per query tile (the CPU path)
     bad = branch_attention(q, k, v, seg, br, cu_q, cu, mq, mk)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(bad, ref, **TOL[torch.float32])
@@ -138,5 +138,5 @@ def test_long_sequence_memory_is_tiled():
     assert bq * tb._BLOCK_K < n * n // 1000
     # the CPU path: one [tile, span] additive mask at a time, the span at most n
     spans = [(qs.stop - qs.start) * ke for qs, ke in st._tiles(torch.arange(n), n)]
-    assert max(spans) <= st._MASK_ELEMENTS and max(spans) < n * n // 100
+    assert max(spans) <= st.MASK_ELEMENTS and max(spans) < n * n // 100
     assert sum(qs.stop - qs.start for qs, _ in st._tiles(torch.arange(n), n)) == n

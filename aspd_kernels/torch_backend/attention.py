@@ -11,25 +11,14 @@ from __future__ import annotations
 import torch
 
 from . import decode, sdpa_tiles
+from .visibility import acc_dtype, visible
 
 _TILE_ELEMENTS = 1 << 22  # scores held at once per tile, over all heads (32 MiB of float64)
 _BLOCK_K = 512
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _block_q(heads: int) -> int:
     return max(16, _TILE_ELEMENTS // (heads * _BLOCK_K))
-
-
-def _visible(q_index, q_seg, q_br, k_start, k_seg, k_br):
-    """[bq, bk] bool: SPEC section 2 for the queries at slots ``q_index`` and the keys at ``k_start + j``."""
-    k_index = torch.arange(k_start, k_start + k_seg.shape[0], device=q_index.device)
-    return (k_index[None, :] <= q_index[:, None]) & (
-        (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None])
-    )
 
 
 def _tiles(q_index: torch.Tensor, lk: int, heads: int):
@@ -51,7 +40,7 @@ def attend_fwd(q, k, v, segment, branch, q_index, scale: float):
     lq, hq, d = q.shape
     lk, hkv, dv = v.shape
     g = hq // hkv
-    acc_t = _acc_dtype(q)
+    acc_t = acc_dtype(q)
     qh = q.to(acc_t).reshape(lq, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, Lq, D]
     kh = k.to(acc_t).permute(1, 0, 2)  # [Hkv, Lk, D]
     vh = v.to(acc_t).permute(1, 0, 2)
@@ -60,7 +49,7 @@ def attend_fwd(q, k, v, segment, branch, q_index, scale: float):
     l = torch.zeros((hkv, g, lq), dtype=acc_t, device=q.device)
     acc = torch.zeros((hkv, g, lq, dv), dtype=acc_t, device=q.device)
     for qs, ks, ke in _tiles(q_index, lk, hq):
-        vis = _visible(q_index[qs], q_seg[qs], q_br[qs], ks, segment[ks:ke], branch[ks:ke])
+        vis = visible(q_index[qs], q_seg[qs], q_br[qs], ks, segment[ks:ke], branch[ks:ke])
         if not bool(vis.any()):
             continue  # a sibling branch's span: nothing to read
         s = torch.matmul(qh[:, :, qs], kh[:, None, ks:ke].transpose(-1, -2)) * scale
@@ -85,7 +74,7 @@ def attend_bwd(dout, dlse, q, k, v, out, lse, segment, branch, q_index, scale: f
     lq, hq, d = q.shape
     lk, hkv, dv_dim = v.shape
     g = hq // hkv
-    acc_t = _acc_dtype(q)
+    acc_t = acc_dtype(q)
     to_h = lambda t: t.to(acc_t).reshape(lq, hkv, g, t.shape[-1]).permute(1, 2, 0, 3)  # noqa: E731
     qh, doh, oh = to_h(q), to_h(dout), to_h(out)
     kh = k.to(acc_t).permute(1, 0, 2)
@@ -108,7 +97,7 @@ def attend_bwd(dout, dlse, q, k, v, out, lse, segment, branch, q_index, scale: f
     dk = torch.zeros((hkv, lk, d), dtype=acc_t, device=q.device)
     dv = torch.zeros((hkv, lk, dv_dim), dtype=acc_t, device=q.device)
     for qs, ks, ke in _tiles(q_index, lk, hq):
-        vis = _visible(q_index[qs], q_seg[qs], q_br[qs], ks, segment[ks:ke], branch[ks:ke])
+        vis = visible(q_index[qs], q_seg[qs], q_br[qs], ks, segment[ks:ke], branch[ks:ke])
         if not bool(vis.any()):
             continue
         s = torch.matmul(qh[:, :, qs], kh[:, None, ks:ke].transpose(-1, -2)) * scale

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import sdpa_tiles
 from .step_cache import shared
+from .visibility import acc_dtype
 
 _AHEAD: dict[tuple[int, torch.device], Tensor] = {}
 
@@ -64,19 +65,15 @@ def _rows(cache_seqlens: Tensor, q_seqlens: Tensor, segment: Tensor, branch: Ten
             s = torch.arange(n, device=segment.device)
             slots = (block_table[b, s // per_row].long(), s % per_row)
             seg, br = segment[slots], branch[slots]
-        small = lq * n <= sdpa_tiles._MASK_ELEMENTS
+        small = lq * n <= sdpa_tiles.MASK_ELEMENTS
         rows.append(_Row(b, n, lq, _mask(seg, br, lq, acc) if small else None, slots))
     return rows
-
-
-def _acc(t: Tensor, acc: torch.dtype) -> Tensor:
-    return t if t.dtype == acc else t.to(acc)
 
 
 def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table,
                                   softmax_scale):
     """CPU tensors only (``sdpa_tiles.supported``); the contract of ``attention.branch_attention_with_kvcache``."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q)
     rows = shared("decode", (cache_seqlens, q_seqlens, segment, branch, block_table),
                   (tuple(k_cache.shape[:2]), q.shape[1], acc),
                   lambda: _rows(cache_seqlens, q_seqlens, segment, branch, block_table, k_cache.shape[1],
@@ -93,8 +90,8 @@ def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, b
             q_index = torch.arange(r.n - r.lq, r.n, device=q.device)
             out[r.b, :r.lq] = sdpa_tiles.attend_fwd(q[r.b, :r.lq], k, v, seg, br, q_index, softmax_scale)[0]
             continue
-        heads = sdpa_tiles._heads
-        o = sdpa_tiles._fwd(heads(_acc(q[r.b, :r.lq], acc)), heads(_acc(k, acc)), heads(_acc(v, acc)),
-                            attn_mask=r.mask, scale=softmax_scale)[0]
+        heads = sdpa_tiles.as_heads
+        o = sdpa_tiles.flash_fwd(heads(q[r.b, :r.lq].to(acc)), heads(k.to(acc)), heads(v.to(acc)),
+                                 attn_mask=r.mask, scale=softmax_scale)[0]
         out[r.b, :r.lq] = o[0].transpose(0, 1)
     return out

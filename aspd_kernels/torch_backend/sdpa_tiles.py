@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import torch
 
-_MASK_ELEMENTS = 1 << 22  # one tile's additive mask: 16 MiB of float32
+from .visibility import acc_dtype, visible
+
+MASK_ELEMENTS = 1 << 22  # one tile's additive mask: 16 MiB of float32
 _MAX_TILE = 256  # rows per tile; smaller tiles skip more of the causal triangle but pay more calls
 
-_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -26,36 +28,24 @@ def supported(q: torch.Tensor) -> bool:
     return q.device.type == "cpu"
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _tiles(q_index: torch.Tensor, lk: int):
     """(query slice, key span end) per tile; ``q_index`` int64 [Lq] increasing (bottom-right aligned: the last
     query sits at ``lk - 1``, so query ``i``'s slot is ``lk - lq + i`` and the span ends after the tile's last)."""
     lq = q_index.shape[0]
     first = lk - lq
-    bq = max(16, min(_MAX_TILE, _MASK_ELEMENTS // max(lk, 1)))
+    bq = max(16, min(_MAX_TILE, MASK_ELEMENTS // max(lk, 1)))
     for qs in range(0, lq, bq):
         qe = min(qs + bq, lq)
         yield slice(qs, qe), min(first + qe, lk)
 
 
-def _visible(q_slots, q_seg, q_br, k_start: int, k_seg, k_br) -> torch.Tensor:
-    """[bq, bk] bool: SPEC section 2 for the queries at ``q_slots`` and the keys at ``k_start + j``."""
-    k_slots = torch.arange(k_start, k_start + k_seg.shape[0], device=q_slots.device)
-    return (k_slots[None, :] <= q_slots[:, None]) & (
-        (k_seg[None, :] != q_seg[:, None]) | (k_br[None, :] == q_br[:, None])
-    )
-
-
 def _mask(q_slots: torch.Tensor, q_seg, q_br, k_seg, k_br, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask ``[bq, span]``: 0 where SPEC section 2 lets the query see the key, -inf elsewhere."""
-    vis = _visible(q_slots, q_seg, q_br, 0, k_seg, k_br)
+    vis = visible(q_slots, q_seg, q_br, 0, k_seg, k_br)
     return torch.zeros(vis.shape, dtype=dtype, device=q_slots.device).masked_fill_(~vis, float("-inf"))
 
 
-def _heads(t: torch.Tensor) -> torch.Tensor:
+def as_heads(t: torch.Tensor) -> torch.Tensor:
     """``[L, H, D] -> [1, H, L, D]`` as a view (the kernel reads strides)."""
     return t.permute(1, 0, 2)[None]
 
@@ -66,14 +56,14 @@ def attend_fwd(q, k, v, segment, branch, q_index, scale: float):
     ``lse [Hq, Lq]`` in the accumulation dtype."""
     lq, hq, _ = q.shape
     lk = k.shape[0]
-    acc = _acc_dtype(q)
-    qa, ka, va = _heads(q.to(acc)), _heads(k.to(acc)), _heads(v.to(acc))
+    acc = acc_dtype(q)
+    qa, ka, va = as_heads(q.to(acc)), as_heads(k.to(acc)), as_heads(v.to(acc))
     q_seg, q_br = segment[q_index], branch[q_index]
     out = torch.empty((lq, hq, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((hq, lq), dtype=acc, device=q.device)
     for qs, ke in _tiles(q_index, lk):
         m = _mask(q_index[qs], q_seg[qs], q_br[qs], segment[:ke], branch[:ke], acc)
-        o, l = _fwd(qa[:, :, qs], ka[:, :, :ke], va[:, :, :ke], attn_mask=m, scale=scale)
+        o, l = flash_fwd(qa[:, :, qs], ka[:, :, :ke], va[:, :, :ke], attn_mask=m, scale=scale)
         out[qs] = o[0].transpose(0, 1)
         lse[:, qs] = l[0]
     return out, lse
@@ -82,9 +72,9 @@ def attend_fwd(q, k, v, segment, branch, q_index, scale: float):
 def attend_bwd(dout, q, k, v, out, lse, segment, branch, q_index, scale: float):
     """Gradients of :func:`attend_fwd` (no ``dlse``: the caller handles that case). ``lse [Hq, Lq]``."""
     lk = k.shape[0]
-    acc = _acc_dtype(q)
-    qa, ka, va = _heads(q.to(acc)), _heads(k.to(acc)), _heads(v.to(acc))
-    doa, oa = _heads(dout.to(acc)), _heads(out.to(acc))
+    acc = acc_dtype(q)
+    qa, ka, va = as_heads(q.to(acc)), as_heads(k.to(acc)), as_heads(v.to(acc))
+    doa, oa = as_heads(dout.to(acc)), as_heads(out.to(acc))
     lse_a = lse.to(acc)[None]
     q_seg, q_br = segment[q_index], branch[q_index]
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
@@ -92,7 +82,7 @@ def attend_bwd(dout, q, k, v, out, lse, segment, branch, q_index, scale: float):
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for qs, ke in _tiles(q_index, lk):
         m = _mask(q_index[qs], q_seg[qs], q_br[qs], segment[:ke], branch[:ke], acc)
-        g_q, g_k, g_v = _bwd(doa[:, :, qs], qa[:, :, qs], ka[:, :, :ke], va[:, :, :ke], oa[:, :, qs],
+        g_q, g_k, g_v = flash_bwd(doa[:, :, qs], qa[:, :, qs], ka[:, :, :ke], va[:, :, :ke], oa[:, :, qs],
                              lse_a[:, :, qs], 0.0, False, attn_mask=m, scale=scale)
         dq[qs] = g_q[0].transpose(0, 1)
         dk[:ke] += g_k[0].transpose(0, 1)

@@ -1,12 +1,17 @@
 """Argument checks at the op boundary: every message names the argument.
 
-Shape/dtype/device checks are free and always run. Value checks read the device (a host sync), so they run only
-when ``check_values`` is true and we are neither compiling nor capturing a CUDA graph; the kernels clamp lengths to
-capacity so that unchecked values can give wrong numbers but never an out-of-bounds access or a hang.
+Shape/dtype/device checks read no data and always run (memoised per signature by ``_plan_cache``). Value checks
+read the device (a host sync), so they run only when ``check_values`` is true and we are neither compiling nor
+capturing a CUDA graph, and all the rules of one call are read back together (:class:`Violations`); the kernels
+clamp lengths to capacity so that unchecked values can give wrong numbers but never an out-of-bounds access or a
+hang.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -32,9 +37,15 @@ def tensor(name: str, t, ndim: int | None = None, dtypes=None, device: torch.dev
 
 def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
     """``expected`` may hold None for a free dimension."""
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
-        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    got = t.shape
+    if len(got) == len(expected):
+        for size, want in zip(got, expected):
+            if want is not None and size != want:
+                break
+        else:
+            return
+    want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+    raise ValueError(f"{name} must have shape {want}, got {list(got)}")
 
 
 def same_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "q") -> None:
@@ -73,17 +84,18 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def cu_seqlens(name: str, cu: torch.Tensor, total: int, check: bool) -> None:
+def cu_seqlens(name: str, cu: torch.Tensor) -> None:
+    """The structure of an offsets tensor: int32 ``[B + 1]``, B >= 0 (its values: :func:`cu_seqlens_values`)."""
     tensor(name, cu, 1, (torch.int32,))
     if cu.shape[0] < 2:
         raise ValueError(f"{name} must hold at least 2 entries (B + 1), got {cu.shape[0]}")
-    if check:
-        if int(cu[0]) != 0:
-            raise ValueError(f"{name}[0] must be 0, got {int(cu[0])}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{name} must be non-decreasing")
-        if int(cu[-1]) != total:
-            raise ValueError(f"{name}[-1] ({int(cu[-1])}) must equal the packed token count ({total})")
+
+
+def cu_seqlens_values(v: "Violations", name: str, cu: Tensor, total: int) -> None:
+    """Offsets from 0, non-decreasing, ending at the packed token count ``total``."""
+    v.add(cu[0] != 0, lambda: f"{name}[0] must be 0, got {int(cu[0])}")
+    v.add(cu[1:] < cu[:-1], lambda: f"{name} must be non-decreasing")
+    v.add(cu[-1] != total, lambda: f"{name}[-1] ({int(cu[-1])}) must equal the packed token count ({total})")
 
 
 def sequence_starts(cu: torch.Tensor, n: int) -> torch.Tensor:
@@ -94,9 +106,9 @@ def sequence_starts(cu: torch.Tensor, n: int) -> torch.Tensor:
     return starts
 
 
-def ids(seg_name: str, segment: torch.Tensor, br_name: str, branch: torch.Tensor, valid: torch.Tensor,
-        new_sequence: torch.Tensor | None = None) -> None:
-    """Value checks of the per-token ids: ``branch >= 0``, ``segment >= 0`` and ``segment`` non-decreasing along each
+def ids(v: "Violations", seg_name: str, segment: Tensor, br_name: str, branch: Tensor, valid: Tensor,
+        new_sequence: Tensor | None = None) -> None:
+    """Value rules of the per-token ids: ``branch >= 0``, ``segment >= 0`` and ``segment`` non-decreasing along each
     row of valid slots.
 
     ``segment, branch, valid`` are ``[rows, length]`` (``valid`` bool: which slots hold tokens); ``new_sequence``
@@ -104,13 +116,41 @@ def ids(seg_name: str, segment: torch.Tensor, br_name: str, branch: torch.Tensor
     """
     if segment.numel() == 0:
         return
-    if bool((valid & (branch < 0)).any()):
-        raise ValueError(f"{br_name} must be >= 0 (0 = serial, 1..K = branch), got {int(branch[valid].min())}")
-    if bool((valid & (segment < 0)).any()):
-        raise ValueError(f"{seg_name} must be >= 0, got {int(segment[valid].min())}")
+    v.add(valid & (branch < 0),
+          lambda: f"{br_name} must be >= 0 (0 = serial, 1..K = branch), got {int(branch[valid].min())}")
+    v.add(valid & (segment < 0), lambda: f"{seg_name} must be >= 0, got {int(segment[valid].min())}")
     down = (segment[:, 1:] < segment[:, :-1]) & valid[:, 1:] & valid[:, :-1]
     if new_sequence is not None:
         down &= ~new_sequence[:, 1:]
-    if bool(down.any()):
+
+    def where() -> str:
         row, col = (int(x) for x in down.nonzero()[0])
-        raise ValueError(f"{seg_name} must be non-decreasing within a sequence; row {row} decreases at slot {col + 1}")
+        return f"{seg_name} must be non-decreasing within a sequence; row {row} decreases at slot {col + 1}"
+
+    v.add(down, where)
+
+
+class Violations:
+    """The value rules of one call, read back from the device together.
+
+    ``add(bad, message)`` takes a bool tensor (any True element breaks the rule) and a function that words the error
+    naming the argument (it may read more: it runs only for a broken rule). ``raise_first()`` reads every rule in
+    one transfer, a single host sync on a GPU, and raises the first broken rule's ``ValueError``, in the order the
+    rules were added.
+    """
+
+    def __init__(self) -> None:
+        self._bad: list[Tensor] = []
+        self._messages: list[Callable[[], str]] = []
+
+    def add(self, bad: Tensor, message: Callable[[], str]) -> None:
+        self._bad.append(bad.any())
+        self._messages.append(message)
+
+    def raise_first(self) -> None:
+        if not self._bad:
+            return
+        broken = torch.stack(self._bad).tolist()  # the one device read
+        for is_broken, message in zip(broken, self._messages):
+            if is_broken:
+                raise ValueError(message())

@@ -8,9 +8,10 @@ from torch import Tensor
 
 from . import _checks as chk
 from ._dispatch import implementation, resolve
+from ._plan_cache import PlanCache, signature
+from ._registration import define
 
 
-@torch.library.custom_op("aspd::branch_attention", mutates_args=())
 def _branch_attention(
     q: Tensor, k: Tensor, v: Tensor, segment: Tensor, branch: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, backend: str,
@@ -20,13 +21,11 @@ def _branch_attention(
     )
 
 
-@_branch_attention.register_fake
-def _(q, k, v, segment, branch, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, backend):
+def _fake(q, k, v, segment, branch, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, backend):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("aspd::branch_attention_backward", mutates_args=())
 def _branch_attention_backward(
     dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, segment: Tensor,
     branch: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -38,9 +37,11 @@ def _branch_attention_backward(
     )
 
 
-@_branch_attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, segment, branch, cu_q, cu_k, max_q, max_k, scale, backend):
+def _fake_backward(dout, dlse, q, k, v, out, lse, segment, branch, cu_q, cu_k, max_q, max_k, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_backward_overload = define("branch_attention_backward", _branch_attention_backward, _fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -52,13 +53,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, segment, branch, cu_q, cu_k = ctx.saved_tensors
     max_q, max_k, scale, backend = ctx.args
-    dq, dk, dv = _branch_attention_backward(
+    dq, dk, dv = _backward_overload(
         dout.contiguous(), dlse, q, k, v, out, lse, segment, branch, cu_q, cu_k, max_q, max_k, scale, backend
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-_branch_attention.register_autograd(_backward, setup_context=_setup_context)
+_overload = define("branch_attention", _branch_attention, _fake, autograd=(_backward, _setup_context))
 
 
 def branch_attention(
@@ -108,6 +109,32 @@ def branch_attention(
     ``check_values=False`` skips the checks that read the device (they are skipped automatically while compiling
     or capturing a CUDA graph). ``backend``: "auto" (default, or ``ASPD_BACKEND``), "cuda", "triton" or "torch".
     """
+    key = signature((q, k, v, segment, branch, cu_seqlens_q, cu_seqlens_k),
+                    (max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), softmax_scale, backend))
+    scale, name = _PLANS.get(key) or _PLANS.put(key, _plan(q, k, v, segment, branch, cu_seqlens_q, cu_seqlens_k,
+                                                          max_seqlen_q, max_seqlen_k, softmax_scale, backend))
+    if chk.values_checkable(check_values):
+        _check_values(q, k, segment, branch, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args = (chk.last_dim_contiguous(q), chk.last_dim_contiguous(k), chk.last_dim_contiguous(v), segment.contiguous(),
+            branch.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
+            scale, name)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) or \
+            torch.compiler.is_compiling():
+        out, lse = _overload(*args)
+    else:  # no graph to record: skip the Python trip through the op's Autograd kernel (a third of the call)
+        with _below_autograd():
+            out, lse = _overload(*args)
+    return (out, lse) if return_lse else out
+
+
+_PLANS = PlanCache()
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _plan(q: Tensor, k: Tensor, v: Tensor, segment: Tensor, branch: Tensor, cu_seqlens_q: Tensor,
+          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float | None,
+          backend: str | None) -> tuple[float, str]:
+    """The structural checks and the backend choice: ``(softmax scale, backend name)``."""
     chk.tensor("q", q, 3, chk.FLOAT_DTYPES)
     dev = q.device
     chk.tensor("k", k, 3, device=dev)
@@ -137,26 +164,29 @@ def branch_attention(
     if q.dtype == torch.float64:  # Triton computes in float32 at most: float64 stays on the torch backend
         refusals.setdefault("triton", "q: backend='triton' runs float16/bfloat16/float32, got torch.float64")
     name = resolve("branch_attention_fwd", dev, backend, refusals=refusals)
-    check = chk.values_checkable(check_values)
-    chk.cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, check)
-    chk.cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, check)
-    if check:
-        len_q, len_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
-        if bool((len_q > len_k).any()):
-            b = int((len_q > len_k).nonzero()[0, 0])
-            raise ValueError(
-                f"cu_seqlens_q: sequence {b} has {int(len_q[b])} queries but only {int(len_k[b])} keys"
-            )
-        if int(len_q.max()) > max_seqlen_q:
-            raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is below the longest query run ({int(len_q.max())})")
-        if int(len_k.max()) > max_seqlen_k:
-            raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is below the longest key run ({int(len_k.max())})")
-        starts = chk.sequence_starts(cu_seqlens_k, total_k)
-        chk.ids("segment", segment[None], "branch", branch[None], torch.ones_like(starts)[None], starts[None])
+    chk.cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+    chk.cu_seqlens("cu_seqlens_k", cu_seqlens_k)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    out, lse = _branch_attention(
-        chk.last_dim_contiguous(q), chk.last_dim_contiguous(k), chk.last_dim_contiguous(v), segment.contiguous(),
-        branch.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
-        scale, name,
-    )
-    return (out, lse) if return_lse else out
+    return scale, name
+
+
+def _check_values(q: Tensor, k: Tensor, segment: Tensor, branch: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                  max_seqlen_q: int, max_seqlen_k: int) -> None:
+    """The value rules of one call, read back in one transfer."""
+    bad = chk.Violations()
+    chk.cu_seqlens_values(bad, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    chk.cu_seqlens_values(bad, "cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    len_q, len_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+
+    def more_queries() -> str:
+        b = int((len_q > len_k).nonzero()[0, 0])
+        return f"cu_seqlens_q: sequence {b} has {int(len_q[b])} queries but only {int(len_k[b])} keys"
+
+    bad.add(len_q > len_k, more_queries)
+    bad.add(len_q > max_seqlen_q,
+            lambda: f"max_seqlen_q ({max_seqlen_q}) is below the longest query run ({int(len_q.max())})")
+    bad.add(len_k > max_seqlen_k,
+            lambda: f"max_seqlen_k ({max_seqlen_k}) is below the longest key run ({int(len_k.max())})")
+    starts = chk.sequence_starts(cu_seqlens_k, k.shape[0])
+    chk.ids(bad, "segment", segment[None], "branch", branch[None], torch.ones_like(starts)[None], starts[None])
+    bad.raise_first()

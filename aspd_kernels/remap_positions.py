@@ -6,10 +6,11 @@ from torch import Tensor
 
 from . import _checks as chk
 from ._dispatch import implementation, resolve
+from ._plan_cache import PlanCache, signature
+from ._registration import define
 from .reference import STRATEGIES
 
 
-@torch.library.custom_op("aspd::remap_positions", mutates_args=())
 def _remap_positions(segment: Tensor, branch: Tensor, cu_seqlens: Tensor, strategy: str, width: int,
                      backend: str) -> Tensor:
     return implementation(backend, "remap_positions")(
@@ -17,9 +18,11 @@ def _remap_positions(segment: Tensor, branch: Tensor, cu_seqlens: Tensor, strate
     )
 
 
-@_remap_positions.register_fake
-def _(segment, branch, cu_seqlens, strategy, width, backend):
+def _fake(segment, branch, cu_seqlens, strategy, width, backend):
     return torch.empty_like(segment, dtype=torch.int32)
+
+
+_overload = define("remap_positions", _remap_positions, _fake)
 
 
 def remap_positions(
@@ -40,6 +43,27 @@ def remap_positions(
     starts at ``(j - 1) * width``; ``width`` defaults to each section's longest branch) or "sequential" (storage
     index). Returns int32 ``[N]`` on the inputs' device; counters restart at 0 for each sequence.
     """
+    key = signature((segment, branch, cu_seqlens), (strategy, width, type(width), backend))
+    name = _PLANS.get(key) or _PLANS.put(key, _plan(segment, branch, strategy, cu_seqlens, width, backend))
+    n = segment.shape[0]
+    if cu_seqlens is None:
+        cu_seqlens = _whole(n, segment.device)
+    if chk.values_checkable(check_values) and n:
+        bad = chk.Violations()
+        chk.cu_seqlens_values(bad, "cu_seqlens", cu_seqlens, n)
+        starts = chk.sequence_starts(cu_seqlens, n)
+        chk.ids(bad, "segment", segment[None], "branch", branch[None], torch.ones_like(starts)[None], starts[None])
+        _section_values(bad, segment, branch, starts)
+        bad.raise_first()
+    return _overload(segment.contiguous(), branch.contiguous(), cu_seqlens.contiguous(), strategy, width or 0, name)
+
+
+_PLANS = PlanCache()
+
+
+def _plan(segment: Tensor, branch: Tensor, strategy: str, cu_seqlens: Tensor | None, width: int | None,
+          backend: str | None) -> str:
+    """The structural checks and the backend choice: the backend's name."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width <= 0):
@@ -48,31 +72,26 @@ def remap_positions(
     dev = segment.device
     chk.tensor("branch", branch, 1, (torch.int32,), dev)
     chk.shape("branch", branch, segment.shape)
-    n = segment.shape[0]
-    check = chk.values_checkable(check_values)
-    if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=dev)
-    else:
+    if cu_seqlens is not None:
         chk.tensor("cu_seqlens", cu_seqlens, device=dev)
-    chk.cu_seqlens("cu_seqlens", cu_seqlens, n, check)
-    if check and n:
-        starts = chk.sequence_starts(cu_seqlens, n)
-        chk.ids("segment", segment[None], "branch", branch[None], torch.ones_like(starts)[None], starts[None])
-        _check_sections(segment, branch, starts)
-    name = resolve("remap_positions", dev, backend)
-    return _remap_positions(segment.contiguous(), branch.contiguous(), cu_seqlens.contiguous(), strategy,
-                            width or 0, name)
+        chk.cu_seqlens("cu_seqlens", cu_seqlens)
+    return resolve("remap_positions", dev, backend)
 
 
-def _check_sections(segment: Tensor, branch: Tensor, starts: Tensor) -> None:
-    """A section is either serial (every branch 0) or parallel (every branch >= 1): positions need to know which."""
+def _whole(n: int, device: torch.device) -> Tensor:
+    """``cu_seqlens`` of one sequence of ``n`` tokens: int32 ``[0, n]``."""
+    return torch.tensor([0, n], dtype=torch.int32, device=device)
+
+
+def _section_values(bad: chk.Violations, segment: Tensor, branch: Tensor, starts: Tensor) -> None:
+    """A section is either serial (every branch 0) or parallel (every branch >= 1): positions need to know which.
+    Sized by the token count, an upper bound of the section count, so that nothing is read to size it."""
+    n = segment.shape[0]
     new = starts.clone()
     new[1:] |= segment[1:] != segment[:-1]
     sec = torch.cumsum(new.long(), 0) - 1
-    n_sec = int(sec[-1]) + 1
-    lo = torch.full((n_sec,), 1 << 30, dtype=torch.int32, device=segment.device).scatter_reduce(0, sec, branch, "amin")
-    hi = torch.zeros(n_sec, dtype=torch.int32, device=segment.device).scatter_reduce(0, sec, branch, "amax")
+    lo = torch.full((n,), 1 << 30, dtype=torch.int32, device=segment.device).scatter_reduce(0, sec, branch, "amin")
+    hi = torch.zeros(n, dtype=torch.int32, device=segment.device).scatter_reduce(0, sec, branch, "amax")
     mixed = (lo == 0) & (hi > 0)
-    if bool(mixed.any()):
-        s = int(mixed.nonzero()[0, 0])
-        raise ValueError(f"branch: section {s} mixes serial tokens (branch 0) with branch tokens")
+    bad.add(mixed, lambda: f"branch: section {int(mixed.nonzero()[0, 0])} mixes serial tokens (branch 0) with "
+                           "branch tokens")

@@ -6,12 +6,11 @@ from torch import Tensor
 
 from . import _checks as chk
 from ._dispatch import implementation, resolve
-from .branch_attention_with_kvcache import check_cache
+from ._registration import define
+from ._plan_cache import PlanCache, signature
+from .branch_attention_with_kvcache import cache_values, check_cache, default_q_seqlens
 
 
-@torch.library.custom_op(
-    "aspd::rope_append_kv", mutates_args=("k_cache", "v_cache", "segment_cache", "branch_cache")
-)
 def _rope_append_kv(
     q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin_cache: Tensor, k_cache: Tensor, v_cache: Tensor,
     segment_cache: Tensor, branch_cache: Tensor, cache_seqlens: Tensor, segment: Tensor, branch: Tensor,
@@ -23,28 +22,13 @@ def _rope_append_kv(
     )
 
 
-@_rope_append_kv.register_fake
-def _(q, k, v, positions, cos_sin_cache, k_cache, v_cache, segment_cache, branch_cache, cache_seqlens, segment,
-      branch, q_seqlens, block_table, backend):
+def _fake(q, k, v, positions, cos_sin_cache, k_cache, v_cache, segment_cache, branch_cache, cache_seqlens, segment,
+          branch, q_seqlens, block_table, backend):
     return torch.empty_like(q)
 
 
-# torch's ADInplaceOrView kernel for a mutating custom op rebuilds the whole argument list from the schema on every
-# call (``fill_defaults``, which re-reads ``schema.arguments`` per argument): about 2/3 of this op's host time. The
-# kernel below does the same work, bumping the version counters of the mutated caches, which always sit at these
-# positions (required, positional), then redispatching past ADInplaceOrView.
-_MUTATED = (5, 6, 7, 8)  # k_cache, v_cache, segment_cache, branch_cache
-_AFTER_INPLACE = torch._C._after_ADInplaceOrView_keyset
-_overload = torch.ops.aspd.rope_append_kv.default
-
-
-def _inplace_or_view(keyset, *args, **kwargs):
-    torch._C._increment_version([args[i] for i in _MUTATED])
-    return _overload.redispatch(keyset & _AFTER_INPLACE, *args, **kwargs)
-
-
-_rope_append_kv._lib.impl("rope_append_kv", _inplace_or_view, "ADInplaceOrView", with_keyset=True,
-                          allow_override=True)
+_overload = define("rope_append_kv", _rope_append_kv, _fake,
+                   mutates_args=("k_cache", "v_cache", "segment_cache", "branch_cache"))
 
 
 def rope_cos_sin_cache(inv_freq: Tensor, max_position: int, attention_scaling: float = 1.0) -> Tensor:
@@ -107,6 +91,37 @@ def prepare(
     ``torch.ops.aspd.rope_append_kv`` (the backend's name last). The plan half of a plan/run split: a caller that
     repeats the call with tensors of the same shapes (every layer of a decoding step) may reuse the backend name
     and call the op directly."""
+    tensors = (q, k, v, positions, cos_sin_cache, k_cache, v_cache, segment_cache, branch_cache, cache_seqlens,
+               segment, branch, q_seqlens, block_table)
+    key = signature(tensors, (backend,), strided=(k_cache, v_cache, segment_cache, branch_cache))
+    name = _PLANS.get(key) or _PLANS.put(key, _plan(*tensors, backend))
+    q_seqlens = default_q_seqlens(q, q_seqlens)
+    if chk.values_checkable(check_values) and q.shape[0]:
+        bad = chk.Violations()
+        cache_values(bad, q, k_cache, cache_seqlens, segment_cache, branch_cache, q_seqlens, block_table,
+                     check_ids=False)
+        rows = cos_sin_cache.shape[0]
+        bad.add((positions < 0) | (positions >= rows),
+                lambda: f"positions must lie in [0, {rows}) (cos_sin_cache rows), got "
+                        f"[{int(positions.min())}, {int(positions.max())}]")
+        live = torch.arange(q.shape[1], device=q.device)[None, :] < q_seqlens[:, None]
+        chk.ids(bad, "segment", segment, "branch", branch, live)
+        bad.raise_first()
+    return (
+        chk.last_dim_contiguous(q), chk.last_dim_contiguous(k), chk.last_dim_contiguous(v), positions.contiguous(),
+        cos_sin_cache.contiguous(), k_cache, v_cache, segment_cache, branch_cache, cache_seqlens.contiguous(),
+        segment.contiguous(), branch.contiguous(), q_seqlens.contiguous(),
+        None if block_table is None else block_table.contiguous(), name,
+    )
+
+
+_PLANS = PlanCache()
+
+
+def _plan(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin_cache: Tensor, k_cache: Tensor,
+          v_cache: Tensor, segment_cache: Tensor, branch_cache: Tensor, cache_seqlens: Tensor, segment: Tensor,
+          branch: Tensor, q_seqlens: Tensor | None, block_table: Tensor | None, backend: str | None) -> str:
+    """The structural checks and the backend choice: the backend's name."""
     chk.tensor("q", q, 4, chk.FLOAT_DTYPES)
     dev = q.device
     bsz, lq, hq, d = q.shape
@@ -135,19 +150,6 @@ def prepare(
                     ("branch_cache", branch_cache)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous: it is written in place")
-    q_seqlens = check_cache(q, k_cache, v_cache, cache_seqlens, segment_cache, branch_cache, q_seqlens, block_table,
-                            seg_name="segment_cache", br_name="branch_cache", check_values=check_values,
-                            check_ids=False)
-    if chk.values_checkable(check_values) and bsz:
-        if int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]:
-            raise ValueError(f"positions must lie in [0, {cos_sin_cache.shape[0]}) (cos_sin_cache rows), got "
-                             f"[{int(positions.min())}, {int(positions.max())}]")
-        live = torch.arange(lq, device=dev)[None, :] < q_seqlens[:, None]
-        chk.ids("segment", segment, "branch", branch, live)
-    name = resolve("rope_append_kv", dev, backend)
-    return (
-        chk.last_dim_contiguous(q), chk.last_dim_contiguous(k), chk.last_dim_contiguous(v), positions.contiguous(),
-        cos_sin_cache.contiguous(), k_cache, v_cache, segment_cache, branch_cache, cache_seqlens.contiguous(),
-        segment.contiguous(), branch.contiguous(), q_seqlens.contiguous(),
-        None if block_table is None else block_table.contiguous(), name,
-    )
+    check_cache(q, k_cache, v_cache, cache_seqlens, segment_cache, branch_cache, q_seqlens, block_table,
+                seg_name="segment_cache", br_name="branch_cache")
+    return resolve("rope_append_kv", dev, backend)

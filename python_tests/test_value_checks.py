@@ -1,0 +1,93 @@
+"""The host side of the op boundary: value checks read the device exactly once per call (none with
+``check_values=False``), and the per-signature memo of the structural checks (``_plan_cache``) never lets a call
+through that the checks would refuse."""
+import types
+
+import pytest
+import torch
+from kv_helpers import make_cache
+from test_checks import att, with_
+from test_opcheck import attention_args, kv_args, rope_args
+
+from aspd_kernels import (_dispatch, branch_attention, branch_attention_with_kvcache, remap_positions,
+                          rope_append_kv)
+
+# every way a tensor's value reaches the host
+_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts device reads; the torch backend is swapped for one that only allocates its outputs (the real one
+    reads lengths to plan its loops, which is the kernel's business, not the boundary's)."""
+    count = [0]
+    for name in _READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, __original=original, **kw):
+            count[0] += 1
+            return __original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    _dispatch._load("torch")
+    monkeypatch.setitem(_dispatch._loaded, "torch", types.SimpleNamespace(
+        branch_attention_fwd=lambda q, k, v, *a: (torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]))),
+        branch_attention_with_kvcache=lambda q, *a: torch.empty_like(q),
+        remap_positions=lambda segment, *a: torch.empty_like(segment),
+        rope_append_kv=lambda q, *a: torch.empty_like(q),
+    ))
+    return count
+
+
+def _calls():
+    q, k, v, seg, br, cu_q, cu_k, mq, mk = attention_args(requires_grad=False)
+    c, qd = kv_args()
+    rq, rk, rv, pos, csc, rc, after, ids = rope_args()
+    return {
+        "branch_attention": lambda cv: branch_attention(q, k, v, seg, br, cu_q, cu_k, mq, mk, check_values=cv),
+        "branch_attention_with_kvcache": lambda cv: branch_attention_with_kvcache(
+            qd, c["k_cache"], c["v_cache"], c["cache_seqlens"], c["segment"], c["branch"], check_values=cv),
+        "remap_positions": lambda cv: remap_positions(seg, br, cu_seqlens=cu_k, check_values=cv),
+        "rope_append_kv": lambda cv: rope_append_kv(rq, rk, rv, pos, csc, rc["k_cache"], rc["v_cache"], rc["segment"],
+                                                    rc["branch"], after, ids, ids, check_values=cv),
+    }
+
+
+@pytest.mark.parametrize("op", list(_calls()))
+def test_one_device_read_per_checked_call(op, reads):
+    call = _calls()[op]
+    for check_values, expected in ((True, 1), (False, 0), (True, 1)):  # the second checked call hits the memo
+        reads[0] = 0
+        call(check_values)
+        assert reads[0] == expected, (op, check_values, reads[0])
+
+
+def test_paged_cache_checks_read_once(reads):
+    c = make_cache(2, batch=2, hkv=2, d=16, dtype=torch.float32, paged=True, poison=False)
+    reads[0] = 0
+    branch_attention_with_kvcache(torch.randn(2, 3, 4, 16), c["k_cache"], c["v_cache"], c["cache_seqlens"],
+                                  c["segment"], c["branch"], block_table=c["block_table"])
+    assert reads[0] == 1
+
+
+def test_memo_does_not_hide_a_refusal(monkeypatch):
+    """A call with a memoised signature is accepted; changing the environment, a shape, a dtype or a stride that a
+    check reads makes it miss and refuse again, with the same message as a first call."""
+    a = att()
+    branch_attention(**a)
+    monkeypatch.setenv("ASPD_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="backend"):
+        branch_attention(**a)
+    monkeypatch.delenv("ASPD_BACKEND")
+    branch_attention(**a)
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
+        branch_attention(**with_(a, k=a["k"].double()))
+    with pytest.raises(ValueError, match="max_seqlen_q"):  # a value rule: never memoised
+        branch_attention(**with_(a, max_seqlen_q=3))
+    rq, rk, rv, pos, csc, rc, after, ids = rope_args()
+    args = [rq, rk, rv, pos, csc, rc["k_cache"], rc["v_cache"], rc["segment"], rc["branch"], after, ids, ids]
+    rope_append_kv(*args)
+    strided = rc["k_cache"].transpose(0, 1).contiguous().transpose(0, 1)  # same shape, not contiguous
+    args[5] = strided
+    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+        rope_append_kv(*args)

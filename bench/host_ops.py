@@ -58,6 +58,21 @@ def floor_op(arity: int) -> Callable:
     return _FLOORS[arity]
 
 
+_LEAN_LIB = torch.library.Library("aspd_bench_lean", "DEF")
+_LEAN: dict[int, Callable] = {}
+
+
+def lean_floor_op(arity: int) -> Callable:
+    """The same op defined on a ``torch.library.Library`` with its function as the CompositeExplicitAutograd
+    kernel, the registration the aspd ops use: the least any Python-implemented op costs per call."""
+    if arity not in _LEAN:
+        params = ", ".join(f"Tensor t{i}" for i in range(arity - 1))
+        _LEAN_LIB.define(f"floor{arity}({params}, str s) -> Tensor")
+        _LEAN_LIB.impl(f"floor{arity}", lambda t0, *rest: t0.new_empty(0), "CompositeExplicitAutograd")
+        _LEAN[arity] = getattr(torch.ops.aspd_bench_lean, f"floor{arity}").default
+    return _LEAN[arity]
+
+
 def cases() -> list[tuple[str, int, Callable[[], object]]]:
     """(name, arity of the registered op, call) for every public op with checks off and on, and the floors.
     Tiny shapes: 16 tokens, 2 heads, D 16 (the kernels are no-ops anyway)."""
@@ -87,8 +102,10 @@ def cases() -> list[tuple[str, int, Callable[[], object]]]:
                                             qlens, check_values=c)),
         ]
     for arity in (6, 10, 11, 15):
-        fn, args = floor_op(arity), [q] * (arity - 1) + ["torch"]
-        out.append((f"floor: bare custom_op, {arity} arguments", arity, lambda f=fn, a=args: f(*a)))
+        args = [q] * (arity - 1) + ["torch"]
+        out.append((f"floor: bare custom_op, {arity} arguments", arity, lambda f=floor_op(arity), a=args: f(*a)))
+        out.append((f"lean floor: Library op, {arity} arguments", arity,
+                    lambda f=lean_floor_op(arity), a=args: f(*a)))
     return out
 
 

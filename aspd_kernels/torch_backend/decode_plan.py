@@ -74,12 +74,13 @@ def visible(seg: np.ndarray, br: np.ndarray, lq: int) -> np.ndarray:
 def _lists(vis: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Each query's visible keys at or after slot ``c``, in slot order, padded with slot 0: int64 ``[lq, m]``, and
     their counts ``[lq]``."""
+    # array methods, not np.* functions: each np.* call adds a dispatch layer, and this runs on every direct call
     vt = vis[:, c:]
-    cnt = np.count_nonzero(vt, axis=1)
+    cnt = vt.sum(1)
     m = int(cnt.max())
-    flat = np.flatnonzero(vt)  # row-major: by query, then by slot
+    flat = vt.ravel().nonzero()[0]  # row-major: by query, then by slot
     q = flat // vt.shape[1]
-    first = np.cumsum(cnt) - cnt  # where each query's entries start in ``flat``
+    first = cnt.cumsum() - cnt  # where each query's entries start in ``flat``
     lists = np.zeros((vis.shape[0], m), dtype=np.int64)
     lists[q, np.arange(flat.size) - first[q]] = flat - q * vt.shape[1] + c
     return lists, cnt

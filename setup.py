@@ -56,7 +56,7 @@ setup(
     description="Branch-masked attention kernels for parallel decoding inside one sequence (ASPD)",
     packages=find_packages(include=["aspd_kernels", "aspd_kernels.*", "bench", "bench.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "tqdm", "safetensors"],
+    install_requires=["torch>=2.6", "numpy", "tqdm", "safetensors"],  # numpy: the CPU decoding op's row plan
     extras_require={
         "hf": ["transformers>=4.56"],
         "bench": ["matplotlib"],

@@ -1,85 +1,49 @@
-"""``branch_attention_with_kvcache`` on the CPU: per cache row, one call of torch's fused CPU flash kernel over the
-row's valid slots, with the ``[Lq, n]`` additive mask built from the ids in a few broadcast compares.
+"""``branch_attention_with_kvcache`` on the CPU: per cache row, attend only to the keys some query can see.
 
-Why not the query tiles of ``sdpa_tiles``: a decoding step has few queries (one per live branch), so a single tile
-covers them, and at small caches the fixed cost around the kernel (index tensors, the mask, output copies) is what
-separates us from dense SDPA. Here the mask and the row plan depend only on the lengths and the cache ids, so inside
-a ``step_scope`` every layer of a step reuses the first layer's (``step_cache``); a layer then costs one kernel call
-and one output copy per row. Rows whose mask would exceed the tile bound fall back to the query tiles, so memory
-stays O(N * tile).
+A decoding step has few queries (one per live branch) against a long row, and each sees the shared text before its
+section plus its own branch: an interleaved step over K branches visits about ``c + n / K`` keys per query, where
+dense SDPA over the row (and a fused kernel with a mask) visits all ``n``. ``decode_plan`` finds, per row, the
+prefix of keys every query sees and each query's other visible keys; ``decode_split`` attends the prefix in one
+GQA-grouped matmul with no mask and the per-query lists as a batch of small matmuls, joined in one softmax. Rows
+where that would not pay (prefill-like rows: the lists would be as long as the row) or not fit take one call of
+torch's fused CPU flash kernel with an ``[Lq, n]`` additive mask, and rows whose mask would exceed the tile bound
+take the query tiles of ``sdpa_tiles``; memory stays O(n * tile) on every path.
+
+The plan depends only on the lengths, the block table and the cache ids, so inside a ``step_scope`` every layer of
+a step reuses the first layer's (``step_cache``). Outside one (a direct call) each call plans for itself, which is
+why the plan runs in numpy: its dozen small index operations would cost several times more as torch ops.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-from torch import Tensor
 
-from . import sdpa_tiles
+from . import decode_split, sdpa_tiles
+from .decode_plan import plan
 from .step_cache import shared
 from .visibility import acc_dtype
 
-_AHEAD: dict[tuple[int, torch.device], Tensor] = {}
 
-
-class _Row(NamedTuple):
-    b: int  # cache row
-    n: int  # valid slots (clamped to the capacity)
-    lq: int  # queries: the last lq of the n slots
-    mask: Tensor | None  # [lq, n] additive (0 / -inf), accumulation dtype; None: use the query tiles
-    slots: tuple[Tensor, Tensor] | None  # paged cache: (block, offset) int64 [n] of each slot; None if contiguous
-
-
-def _ahead(lq: int, device: torch.device) -> Tensor:
-    """bool ``[lq, lq]``, True strictly above the diagonal: the new tokens a query must not see (cached)."""
-    key = (lq, device)
-    if key not in _AHEAD:
-        _AHEAD[key] = torch.ones((lq, lq), dtype=torch.bool, device=device).triu(1)
-    return _AHEAD[key]
-
-
-def _mask(seg: Tensor, br: Tensor, lq: int, acc: torch.dtype) -> Tensor:
-    """Additive mask ``[lq, n]`` for the queries at the last ``lq`` of the ``n`` slots whose ids are ``seg, br
-    int32 [n]``: SPEC section 2. Keys before the first query are never ahead of one, so causality only touches the
-    last ``lq`` columns."""
-    n = seg.shape[0]
-    hidden = (seg == seg[n - lq:, None]) & (br != br[n - lq:, None])  # same section, a sibling branch
-    hidden[:, n - lq:] |= _ahead(lq, seg.device)
-    return torch.zeros(hidden.shape, dtype=acc, device=seg.device).masked_fill_(hidden, float("-inf"))
-
-
-def _rows(cache_seqlens: Tensor, q_seqlens: Tensor, segment: Tensor, branch: Tensor, block_table: Tensor | None,
-          per_row: int, lq_max: int, acc: torch.dtype) -> list[_Row]:
-    """The rows with queries, each with its mask and (paged) slot index: what every layer of a step shares."""
-    capacity = per_row if block_table is None else block_table.shape[1] * per_row
-    rows = []
-    for b, (n, lq) in enumerate(zip(cache_seqlens.tolist(), q_seqlens.tolist())):
-        n = max(0, min(n, capacity))  # clamp: unchecked values never read out of bounds
-        lq = max(0, min(lq, lq_max, n))
-        if lq == 0:
-            continue
-        slots = None
-        if block_table is None:
-            seg, br = segment[b, :n], branch[b, :n]
-        else:
-            s = torch.arange(n, device=segment.device)
-            slots = (block_table[b, s // per_row].long(), s % per_row)
-            seg, br = segment[slots], branch[slots]
-        small = lq * n <= sdpa_tiles.MASK_ELEMENTS
-        rows.append(_Row(b, n, lq, _mask(seg, br, lq, acc) if small else None, slots))
-    return rows
+def _new_out(shape: tuple[int, ...], dtype: torch.dtype, covered: bool) -> torch.Tensor:
+    """The output, zero-filled only when some query rows are padding (``q_seqlens < Lq``): otherwise every element
+    is written by its row's attention, and a fill would be one more pass. (The tests poison it through here.)"""
+    return (torch.empty if covered else torch.zeros)(shape, dtype=dtype)
 
 
 def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, branch, q_seqlens, block_table,
                                   softmax_scale):
     """CPU tensors only (``sdpa_tiles.supported``); the contract of ``attention.branch_attention_with_kvcache``."""
     acc = acc_dtype(q)
-    rows = shared("decode", (cache_seqlens, q_seqlens, segment, branch, block_table),
-                  (tuple(k_cache.shape[:2]), q.shape[1], acc),
-                  lambda: _rows(cache_seqlens, q_seqlens, segment, branch, block_table, k_cache.shape[1],
-                                q.shape[1], acc))
-    out = torch.zeros(q.shape[:-1] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
-    for r in rows:
+    p = shared("decode", (cache_seqlens, q_seqlens, segment, branch, block_table),
+               (tuple(k_cache.shape[:3]), tuple(q.shape[1:3]), acc, k_cache.is_contiguous(),
+                v_cache.is_contiguous()),
+               lambda: plan(q, k_cache, v_cache, cache_seqlens, q_seqlens, segment, branch, block_table, acc))
+    out = _new_out(q.shape[:-1] + (v_cache.shape[-1],), q.dtype, p.covered)
+    for r in p.rows:
+        if r.split is not None:
+            o = decode_split.attend(q[r.b, :r.lq], k_cache, v_cache, r.b, r.split, softmax_scale, acc)
+            hkv, _, g, dv = o.shape
+            out[r.b, :r.lq].view(r.lq, hkv, g, dv).copy_(o.transpose(0, 1))
+            continue
         if r.slots is None:
             k, v = k_cache[r.b, :r.n], v_cache[r.b, :r.n]
         else:

@@ -93,7 +93,7 @@ def cu_seqlens(name: str, cu: torch.Tensor) -> None:
 
 def cu_seqlens_values(v: "Violations", name: str, cu: Tensor, total: int) -> None:
     """Offsets from 0, non-decreasing, ending at the packed token count ``total``."""
-    v.add(cu[0] != 0, lambda: f"{name}[0] must be 0, got {int(cu[0])}")
+    v.add(cu[0], lambda: f"{name}[0] must be 0, got {int(cu[0])}")  # nonzero: any() of an int is "!= 0"
     v.add(cu[1:] < cu[:-1], lambda: f"{name} must be non-decreasing")
     v.add(cu[-1] != total, lambda: f"{name}[-1] ({int(cu[-1])}) must equal the packed token count ({total})")
 
@@ -106,37 +106,47 @@ def sequence_starts(cu: torch.Tensor, n: int) -> torch.Tensor:
     return starts
 
 
-def ids(v: "Violations", seg_name: str, segment: Tensor, br_name: str, branch: Tensor, valid: Tensor,
+def ids(v: "Violations", seg_name: str, segment: Tensor, br_name: str, branch: Tensor, valid: Tensor | None,
         new_sequence: Tensor | None = None) -> None:
     """Value rules of the per-token ids: ``branch >= 0``, ``segment >= 0`` and ``segment`` non-decreasing along each
     row of valid slots.
 
-    ``segment, branch, valid`` are ``[rows, length]`` (``valid`` bool: which slots hold tokens); ``new_sequence``
-    (bool, same shape) marks the slots where a new sequence starts inside a row (packed batches).
+    ``segment, branch`` are int32 ``[rows, length]``; ``valid`` (bool, same shape, or None when every slot holds a
+    token) marks the slots that hold tokens and must be a prefix of each row; ``new_sequence`` (bool, same shape)
+    marks the slots where a new sequence starts inside a row (packed batches).
     """
     if segment.numel() == 0:
         return
-    v.add(valid & (branch < 0),
-          lambda: f"{br_name} must be >= 0 (0 = serial, 1..K = branch), got {int(branch[valid].min())}")
-    v.add(valid & (segment < 0), lambda: f"{seg_name} must be >= 0, got {int(segment[valid].min())}")
-    down = (segment[:, 1:] < segment[:, :-1]) & valid[:, 1:] & valid[:, :-1]
+    # one rule for both signs: the bitwise or of two int32 is negative iff one of them is; the message tells which
+    negative = (segment | branch) < 0
+    down = segment[:, 1:] < segment[:, :-1]
+    if valid is not None:
+        negative &= valid
+        down &= valid[:, 1:]  # a prefix: slot j + 1 valid implies slot j valid
     if new_sequence is not None:
         down &= ~new_sequence[:, 1:]
+
+    def which() -> str:
+        ok = torch.ones_like(segment, dtype=torch.bool) if valid is None else valid
+        if bool((ok & (branch < 0)).any()):
+            return f"{br_name} must be >= 0 (0 = serial, 1..K = branch), got {int(branch[ok].min())}"
+        return f"{seg_name} must be >= 0, got {int(segment[ok].min())}"
 
     def where() -> str:
         row, col = (int(x) for x in down.nonzero()[0])
         return f"{seg_name} must be non-decreasing within a sequence; row {row} decreases at slot {col + 1}"
 
+    v.add(negative, which)
     v.add(down, where)
 
 
 class Violations:
     """The value rules of one call, read back from the device together.
 
-    ``add(bad, message)`` takes a bool tensor (any True element breaks the rule) and a function that words the error
-    naming the argument (it may read more: it runs only for a broken rule). ``raise_first()`` reads every rule in
-    one transfer, a single host sync on a GPU, and raises the first broken rule's ``ValueError``, in the order the
-    rules were added.
+    ``add(bad, message)`` takes a bool or integer tensor (any nonzero element breaks the rule) and a function that
+    words the error naming the argument (it may read more: it runs only for a broken rule). ``raise_first()`` reads
+    every rule in one transfer, a single host sync on a GPU, and raises the first broken rule's ``ValueError``, in
+    the order the rules were added.
     """
 
     def __init__(self) -> None:

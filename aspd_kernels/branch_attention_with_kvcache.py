@@ -77,10 +77,10 @@ def cache_values(
         return
     dev = q.device
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
-    v.add((cache_seqlens < 0) | (cache_seqlens > capacity),
+    v.add(cache_seqlens.clamp(0, capacity) != cache_seqlens,
           lambda: f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), got "
                   f"[{int(cache_seqlens.min())}, {int(cache_seqlens.max())}]")
-    v.add((q_seqlens < 0) | (q_seqlens > lq),
+    v.add(q_seqlens.clamp(0, lq) != q_seqlens,
           lambda: f"q_seqlens must lie in [0, {lq}] (q.shape[1]), got [{int(q_seqlens.min())}, {int(q_seqlens.max())}]")
     v.add(q_seqlens > cache_seqlens,
           lambda: "q_seqlens must not exceed cache_seqlens: the new tokens are already in the cache")

@@ -52,7 +52,7 @@ def remap_positions(
         bad = chk.Violations()
         chk.cu_seqlens_values(bad, "cu_seqlens", cu_seqlens, n)
         starts = chk.sequence_starts(cu_seqlens, n)
-        chk.ids(bad, "segment", segment[None], "branch", branch[None], torch.ones_like(starts)[None], starts[None])
+        chk.ids(bad, "segment", segment[None], "branch", branch[None], None, starts[None])
         _section_values(bad, segment, branch, starts)
         bad.raise_first()
     return _overload(segment.contiguous(), branch.contiguous(), cu_seqlens.contiguous(), strategy, width or 0, name)

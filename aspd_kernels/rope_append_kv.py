@@ -101,7 +101,7 @@ def prepare(
         cache_values(bad, q, k_cache, cache_seqlens, segment_cache, branch_cache, q_seqlens, block_table,
                      check_ids=False)
         rows = cos_sin_cache.shape[0]
-        bad.add((positions < 0) | (positions >= rows),
+        bad.add(positions.clamp(0, rows - 1) != positions,
                 lambda: f"positions must lie in [0, {rows}) (cos_sin_cache rows), got "
                         f"[{int(positions.min())}, {int(positions.max())}]")
         live = torch.arange(q.shape[1], device=q.device)[None, :] < q_seqlens[:, None]

@@ -91,3 +91,26 @@ def test_memo_does_not_hide_a_refusal(monkeypatch):
     args[5] = strided
     with pytest.raises(ValueError, match="k_cache must be contiguous"):
         rope_append_kv(*args)
+
+
+@pytest.mark.parametrize("seg_value,br_value,expected", [
+    (-2, None, "segment must be >= 0, got -2"),
+    (None, -1, r"branch must be >= 0 \(0 = serial, 1..K = branch\), got -1"),
+    (-2, -1, "branch must be >= 0"),  # both broken: branch is named first, as the rules have always been ordered
+])
+def test_one_sign_rule_names_the_negative_id(seg_value, br_value, expected):
+    """Both ids' signs are read as one rule (``(segment | branch) < 0``); the message still names the id that broke
+    it, and slots past ``cache_seqlens`` may hold anything."""
+    c = make_cache(4, batch=2, hkv=2, d=16, dtype=torch.float32, poison=False)
+    seg, br = c["segment"].clone(), c["branch"].clone()
+    n = int(c["cache_seqlens"][1])
+    seg[1, n:] = -5  # beyond the valid slots: never read, never refused
+    br[1, n:] = -5
+    branch_attention_with_kvcache(torch.randn(2, 1, 4, 16), c["k_cache"], c["v_cache"], c["cache_seqlens"], seg, br)
+    if seg_value is not None:
+        seg[1, n - 1] = seg_value
+    if br_value is not None:
+        br[1, n - 1] = br_value
+    with pytest.raises(ValueError, match=expected):
+        branch_attention_with_kvcache(torch.randn(2, 1, 4, 16), c["k_cache"], c["v_cache"], c["cache_seqlens"],
+                                      seg, br)

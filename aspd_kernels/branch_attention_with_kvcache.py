@@ -132,7 +132,6 @@ def branch_attention_with_kvcache(
                               block_table, check_values=check_values, backend=backend))
 
 
-
 def prepare(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, segment: Tensor, branch: Tensor,
     softmax_scale: float | None = None, q_seqlens: Tensor | None = None, block_table: Tensor | None = None, *,

@@ -6,8 +6,8 @@ from torch import Tensor
 
 from . import _checks as chk
 from ._dispatch import implementation, resolve
-from ._registration import define
 from ._plan_cache import PlanCache, signature
+from ._registration import define
 from .branch_attention_with_kvcache import cache_values, check_cache, default_q_seqlens
 
 

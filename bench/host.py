@@ -18,6 +18,13 @@ from . import host_compare, host_ops
 from .common import git_commit
 
 
+def _instructions(r: dict, floor: dict) -> tuple[str, str]:
+    """A row's instructions per call and their ratio to the floor's, or "n/a" where callgrind did not count."""
+    instr = f"{r['instr']:,.0f}" if r["instr"] else "n/a"
+    ratio = f"{r['instr'] / floor['instr']:.2f}" if r["instr"] and floor["instr"] else "n/a"
+    return instr, ratio
+
+
 def _ops_table(rows: list[dict]) -> list[str]:
     by_name = {r["name"]: r for r in rows if "wall_us" in r}
     lines = ["| call | arity | wall us | instructions / call | floor wall us | floor instructions | "
@@ -26,9 +33,7 @@ def _ops_table(rows: list[dict]) -> list[str]:
         if "wall_us" not in r or "floor" in r["name"]:
             continue
         f = by_name[r["floor"]]
-        instr = f"{r['instr']:,.0f}" if r["instr"] else "n/a"
-        f_instr = f"{f['instr']:,.0f}" if f["instr"] else "n/a"
-        ratio_i = f"{r['instr'] / f['instr']:.2f}" if r["instr"] and f["instr"] else "n/a"
+        (instr, ratio_i), (f_instr, _) = _instructions(r, f), _instructions(f, f)
         lines.append(f"| `{r['name']}` | {r['arity']} | {r['wall_us']:.1f} | {instr} | {f['wall_us']:.1f} | "
                      f"{f_instr} | {r['wall_us'] / f['wall_us']:.2f} | {ratio_i} |")
     lines += ["", "The leanest registration of a Python-implemented op, for scale (what the aspd ops use: a "
@@ -37,9 +42,7 @@ def _ops_table(rows: list[dict]) -> list[str]:
               "|---|---|---|---|"]
     for r in rows:
         if "wall_us" in r and r["name"].startswith("lean floor"):
-            f = by_name[r["floor"]]
-            instr = f"{r['instr']:,.0f}" if r["instr"] else "n/a"
-            ratio = f"{r['instr'] / f['instr']:.2f}" if r["instr"] and f["instr"] else "n/a"
+            instr, ratio = _instructions(r, by_name[r["floor"]])
             lines.append(f"| {r['name'][len('lean floor: '):]} | {r['wall_us']:.1f} | {instr} | {ratio} |")
     for r in rows:
         if "reason" in r:

@@ -1,16 +1,14 @@
 """The host side of the op boundary: value checks read the device exactly once per call (none with
 ``check_values=False``), and the per-signature memo of the structural checks (``_plan_cache``) never lets a call
 through that the checks would refuse."""
-import types
-
 import pytest
 import torch
 from kv_helpers import make_cache
 from test_checks import att, with_
 from test_opcheck import attention_args, kv_args, rope_args
 
-from aspd_kernels import (_dispatch, branch_attention, branch_attention_with_kvcache, remap_positions,
-                          rope_append_kv)
+from aspd_kernels import branch_attention, branch_attention_with_kvcache, remap_positions, rope_append_kv
+from bench.host_ops import noop_kernels
 
 # every way a tensor's value reaches the host
 _READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
@@ -29,14 +27,8 @@ def reads(monkeypatch):
             return __original(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    _dispatch._load("torch")
-    monkeypatch.setitem(_dispatch._loaded, "torch", types.SimpleNamespace(
-        branch_attention_fwd=lambda q, k, v, *a: (torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]))),
-        branch_attention_with_kvcache=lambda q, *a: torch.empty_like(q),
-        remap_positions=lambda segment, *a: torch.empty_like(segment),
-        rope_append_kv=lambda q, *a: torch.empty_like(q),
-    ))
-    return count
+    with noop_kernels():
+        yield count
 
 
 def _calls():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models import resolve_model_path
 from .aspd import AspdMode
 from .plan import PlanMode
 from .weights import build, parse_dtype, read_directory, read_module
@@ -29,8 +30,9 @@ class ParallelDecoder(PlanMode, AspdMode):
                 dtype: torch.dtype | str | None = None, max_seq_len: int = 4096, max_position: int | None = None,
                 max_batch: int = 1, cuda_graphs: bool | None = None,
                 check_values: bool | None = None) -> "ParallelDecoder":
-        """From a local Hugging Face directory (``config.json`` + safetensors) or an in-memory ``transformers``
-        causal LM (its tensors are shared when device and dtype already match).
+        """From a local Hugging Face directory (``config.json`` + safetensors), a ``.gguf`` file or ``"smollm2"``
+        (converted once and cached: :mod:`aspd_kernels.models`), or an in-memory ``transformers`` causal LM (its
+        tensors are shared when device and dtype already match).
 
         device: default the model's device (in-memory) or CUDA when available (directory).
         dtype: default the in-memory model's dtype, else the config's ``dtype``/``torch_dtype``.
@@ -38,7 +40,7 @@ class ParallelDecoder(PlanMode, AspdMode):
         """
         if isinstance(model_or_path, str) or hasattr(model_or_path, "__fspath__"):
             dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-            cfg, state = read_directory(str(model_or_path), dev)
+            cfg, state = read_directory(resolve_model_path(model_or_path), dev)
             default_dtype = None
         else:
             cfg, state = read_module(model_or_path)

@@ -70,9 +70,10 @@ case $MODE in
   cpu)
     # the indexes pip knows first (here: a local +cpu wheel); PyPI itself has no +cpu build, so this fails at once
     # there, and torch's CPU index serves it
+    echo "+ ${PIP[*]} install -q ${NET[*]} torch==$TORCH_VERSION+cpu triton==$TRITON_VERSION" \
+         "|| ... --extra-index-url $TORCH_CPU_INDEX"
     if [[ $DRY == 1 ]]; then
-      echo "+ ${PIP[*]} install -q ${NET[*]} torch==$TORCH_VERSION+cpu triton==$TRITON_VERSION" \
-           "|| ... --extra-index-url $TORCH_CPU_INDEX"
+      :
     elif ! "${PIP[@]}" install -q "${NET[@]}" "torch==$TORCH_VERSION+cpu" "triton==$TRITON_VERSION" 2>/dev/null; then
       echo "torch $TORCH_VERSION+cpu is not on the known indexes: trying $TORCH_CPU_INDEX"
       run "${PIP[@]}" install -q "${NET[@]}" --extra-index-url "$TORCH_CPU_INDEX" \

@@ -48,7 +48,8 @@ class AspdMode(BranchesMode):
         ``width`` (fixed-length only): the stride, default ``max_branch_tokens + 1 + longest branch prompt`` per
         section. ``result.branches``: one list per parallel section, each branch's tokens after its prompt (its
         ``<|/branch|>`` included); ``result.suffix``: the tokens sampled after the last section.
-        Raises ``ValueError`` if the sequence outgrows ``max_seq_len``.
+        When the sequence runs out of slots, decoding stops there and the result holds what was generated, with
+        ``result.stop_reason == "max_seq_len"`` (a branch limit is lowered so that its section still closes).
         """
         return self.generate_batch([prompt_ids], max_new_tokens, tokens, eos_token_id, max_branch_tokens,
                                    position_strategy, temperature, top_k, top_p, seed, width=width,
@@ -101,6 +102,9 @@ class AspdMode(BranchesMode):
         suffix: list[int] = []
         budget = [max_new_tokens]
         while budget[0] > 0:
+            if req.room() < 1:
+                req.end("max_seq_len")
+                break
             bias = grammar.serial_bias(text[-1], _title_open(text, tk))
             t = self._sample(req, logits, [last], params, gen, bias, processor)[0]
             budget[0] -= 1
@@ -110,21 +114,28 @@ class AspdMode(BranchesMode):
             if progress is not None:
                 progress(1)
             if t in stop or budget[0] <= 0:
+                req.end("eos" if t in stop else "max_new_tokens")
                 break
             if t == tk.para:
-                branches, last, logits = yield from self._section(req, text, grammar, max_branch_tokens, width,
-                                                                  stop, params, gen, processor, budget, progress)
+                got = yield from self._section(req, text, grammar, max_branch_tokens, width, stop, params, gen,
+                                               processor, budget, progress)
+                if got is None:  # no room for the section: the answer ends on its <|para|>
+                    req.end("max_seq_len")
+                    break
+                branches, last, logits = got
                 sections.append(branches)
                 suffix = []
                 text = [tk.para_end, *tk.after_para]
                 continue
             logits = yield [last]
-        return req.result(sections, suffix, self._sync())
+        return req.result(sections, suffix, self._sync(), mode="aspd")
 
     def _section(self, req: Request, text: list[int], grammar: Grammar, limit: int, width: int | None,
                  stop: set[int], params, gen, processor, budget: list[int], progress):
         """One parallel section after a sampled ``<|para|>`` (placed, not fed). Returns the branches' tokens and
-        the slot and logits of the last serial token placed after the closing ``<|/para|>``."""
+        the slot and logits of the last serial token placed after the closing ``<|/para|>``; None (nothing placed)
+        when the sequence has no room for a section with at least one token per branch. The branches' limit is
+        lowered so that the section and its closing text fit in ``max_seq_len``."""
         tk = grammar.tokens
         titles = _titles(text, tk)
         if not titles:
@@ -133,11 +144,17 @@ class AspdMode(BranchesMode):
         need = limit + 1 + max(map(len, prompts))  # + 1: the <|/branch|> a cut branch gets
         w = self._width(width, need, "max_branch_tokens + 1 + longest branch prompt",
                         req.counter.strategy == "fixed-length")
+        # slots for the branches: what is left after their prompts, a <|/branch|> each and the closing serial text
+        room = req.room() - sum(map(len, prompts)) - len(prompts) - 1 - len(tk.after_para)
+        if room < len(prompts):
+            return None
+        fit = min(limit, room // len(prompts))
         rows = self._open_branches(req, prompts, w)
         logits = yield rows  # the <|para|> (serial, placed before) rides along
         end = tk.branch_end
-        out = yield from self._branch_loop(req, logits, rows, limit, stop | {end}, {end}, (end,), params, gen,
-                                           grammar.branch, processor, budget, progress)
+        out = yield from self._branch_loop(req, logits, rows, fit, stop | {end}, {end}, (end,), params, gen,
+                                           grammar.branch, processor, budget, progress, eos=stop,
+                                           limit_reason="max_new_tokens" if fit == limit else "max_seq_len")
         for t in (tk.para_end, *tk.after_para):
             slot = req.place(t)
         return out, slot, (yield [slot])

@@ -12,6 +12,7 @@ from .request import Request
 from .result import DecodeResult
 from .sampling import SamplingParams
 from .serial import SerialMode
+from .stops import StopRule, stop_rule
 
 
 class BranchesMode(SerialMode):
@@ -30,6 +31,9 @@ class BranchesMode(SerialMode):
         top_p: float | None = None,
         seed: int | None = None,
         *,
+        stop_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        stop_strings: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        tokenizer=None,
         width: int | None = None,
         logits_processor: LogitsProcessor | None = None,
         progress: Callable[[int], None] | None = None,
@@ -39,6 +43,12 @@ class BranchesMode(SerialMode):
         ``max_new_tokens``; then ``suffix_ids`` (serial, fed with the branches' last tokens) and up to
         ``max_suffix_tokens`` serial tokens over it all. Ids are ints or int tensors in ``[0, vocab)``.
 
+        Stop rules per branch (a branch that meets one stops, that token kept as its last; its siblings go on):
+        ``stop_token_ids`` (ids) and ``stop_strings`` (text its decoded tokens may not contain; needs
+        ``tokenizer``, anything with ``decode(ids) -> str``), each one list for every branch or one list per branch
+        (None for none), e.g. ``stop_strings="\\n"`` for one line per branch. A branch with a rule equals decoding
+        ``prefix + its prompt`` alone up to the first token that meets it.
+
         Forward passes: ``[prefix] + 1 + max_j len(branches[j]) + max(0, len(suffix) - 1)``.
         ``width`` (fixed-length only): the stride per branch, default ``max_new_tokens + longest prompt``.
         ``logits_processor(logits [R, V], histories)`` may rewrite the logits; ``histories[r]`` are the tokens row
@@ -46,8 +56,9 @@ class BranchesMode(SerialMode):
         """
         return self.generate_branches_batch(
             [prefix_ids], [branch_prompts], max_new_tokens, eos_token_id, None if suffix_ids is None else [suffix_ids],
-            max_suffix_tokens, position_strategy, temperature, top_k, top_p, seed, width=width,
-            logits_processor=logits_processor, progress=progress)[0]
+            max_suffix_tokens, position_strategy, temperature, top_k, top_p, seed, stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings, tokenizer=tokenizer, width=width, logits_processor=logits_processor,
+            progress=progress)[0]
 
     @torch.inference_mode()
     def generate_branches_batch(
@@ -64,13 +75,19 @@ class BranchesMode(SerialMode):
         top_p: float | None = None,
         seed: int | None = None,
         *,
+        stop_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        stop_strings: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        tokenizer=None,
         width: int | None = None,
         logits_processor: LogitsProcessor | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> list[DecodeResult]:
         """:meth:`generate_branches` for several requests at once (``prefix_ids[i]``, ``branch_prompts[i]``,
         ``suffix_ids[i]``), each in its own cache row with its own layout, all advanced by shared forward passes.
-        Greedy results equal the one-request calls'."""
+        Greedy results equal the one-request calls'; per-branch stop rules apply to every request."""
+        if isinstance(prefix_ids, (str, bytes)) or isinstance(branch_prompts, (str, bytes)):
+            raise ValueError("prefix_ids and branch_prompts must be token ids, not text: encode it with the tokenizer "
+                             "first")
         n = len(prefix_ids)
         if len(branch_prompts) != n or (suffix_ids is not None and len(suffix_ids) != n):
             raise ValueError("prefix_ids, branch_prompts (and suffix_ids) need one entry per request")
@@ -84,6 +101,10 @@ class BranchesMode(SerialMode):
             tag = "" if n == 1 else f"[{i}]"
             v = self.vocab_size
             prefix = check_ids(f"prefix_ids{tag}", prefix_ids[i], v)
+            if isinstance(branch_prompts[i], (str, bytes, Tensor)) and (not isinstance(branch_prompts[i], Tensor)
+                                                                         or branch_prompts[i].dim() != 2):
+                raise ValueError(f"branch_prompts{tag} must be a list of token-id lists, one per branch, got "
+                                 f"{type(branch_prompts[i]).__name__}")
             prompts = [check_ids(f"branch_prompts{tag}[{j}]", p, v) for j, p in enumerate(branch_prompts[i])]
             s = None if suffix_ids is None else suffix_ids[i]
             suffix_in = check_ids(f"suffix_ids{tag}", s if s is not None else [], v)
@@ -98,13 +119,15 @@ class BranchesMode(SerialMode):
             if need > self.max_seq_len:
                 raise ValueError(f"request{tag} may need {need} slots, more than max_seq_len={self.max_seq_len}")
             w = self._width(width, max_new_tokens + max(map(len, prompts)), "max_new_tokens + longest prompt")
+            rule = stop_rule(stop_token_ids, stop_strings, tokenizer, len(prompts), v)
             programs.append((req, self._branches_program(req, prefix, prompts, max_new_tokens, stop, suffix_in,
-                                                   max_suffix_tokens, w, params, gen, logits_processor, progress)))
+                                                         max_suffix_tokens, w, params, gen, logits_processor,
+                                                         progress, rule)))
         return self._drive(programs)
 
     def _branches_program(self, req: Request, prefix: list[int], prompts: list[list[int]], max_new_tokens: int,
                           stop: set[int], suffix_in: list[int], max_suffix_tokens: int, width: int,
-                          params: SamplingParams, gen, processor, progress) -> Program:
+                          params: SamplingParams, gen, processor, progress, rule: StopRule | None) -> Program:
         for t in prefix:
             req.place(t)
         if prefix:
@@ -113,7 +136,7 @@ class BranchesMode(SerialMode):
         logits = yield rows
         req.t1 = self._sync()
         branches = yield from self._branch_loop(req, logits, rows, max_new_tokens, stop, stop, (), params, gen,
-                                                None, processor, None, progress)
+                                                None, processor, None, progress, ends=rule)
         req.close_section()
         last = None
         for t in suffix_in:
@@ -121,7 +144,7 @@ class BranchesMode(SerialMode):
         logits = yield ([last] if max_suffix_tokens else [])
         suffix = yield from self._serial_steps(req, logits, last, max_suffix_tokens, stop, params, gen, processor,
                                                progress)
-        return req.result(branches, suffix, self._sync())
+        return req.result(branches, suffix, self._sync(), mode="branches")
 
     @staticmethod
     def _width(width: int | None, need: int, what: str, check: bool = True) -> int:
@@ -146,17 +169,23 @@ class BranchesMode(SerialMode):
 
     def _branch_loop(self, req: Request, logits: Tensor, rows: list[int], limit: int, stop: set[int],
                      keep: set[int], close: Sequence[int], params: SamplingParams, gen, bias: Tensor | None,
-                     processor: LogitsProcessor | None, budget: list[int] | None,
-                     progress) -> Generator[list[int], Tensor, list[list[int]]]:
+                     processor: LogitsProcessor | None, budget: list[int] | None, progress, *,
+                     ends: StopRule | None = None, eos: set[int] | None = None,
+                     limit_reason: str = "max_new_tokens") -> Generator[list[int], Tensor, list[list[int]]]:
         """Decode the open section's branches from their first logits (those of slots ``rows``) until each stops.
 
-        A branch stops on a token in ``stop``, at ``limit`` sampled tokens, or when ``budget[0]`` (sampled tokens
-        left to the whole request) runs out. A stop token in ``keep`` stays as the branch's last token; one not in
-        ``keep`` is dropped (never placed: the branch ends on its previous token, already in the cache). Then every
-        branch that does not end on a ``keep`` token gets ``close`` appended (not sampled). Returns each branch's
-        tokens after its prompt; the last ones are placed but left for the caller's closing forward pass."""
+        A branch stops on a token in ``stop``, when ``ends(j, its tokens)`` is true (that token kept), at ``limit``
+        sampled tokens, or when ``budget[0]`` (sampled tokens left to the whole request) runs out. A stop token in
+        ``keep`` stays as the branch's last token; one not in ``keep`` is dropped (never placed: the branch ends on
+        its previous token, already in the cache). Then every branch that does not end on a ``keep`` token gets
+        ``close`` appended (not sampled). Returns each branch's tokens after its prompt; the last ones are placed but
+        left for the caller's closing forward pass. Sets ``req.stop_reason`` to the most severe of the branches'
+        reasons: ``limit_reason`` (the limit; "max_seq_len" when the caller lowered it to fit the slots), then
+        "max_new_tokens" (the budget), then "stop" (``ends``, or a ``stop`` token not in ``eos``), then "eos"."""
         out: list[list[int]] = [[] for _ in rows]
         live = list(range(1, len(rows) + 1))
+        eos = stop if eos is None else eos
+        reasons: set[str] = set()
         while True:
             toks = self._sample(req, logits, rows, params, gen, bias, processor)
             cut = False
@@ -166,10 +195,19 @@ class BranchesMode(SerialMode):
             rows, still = [], []
             for j, t in zip(live, toks):
                 if t in stop and t not in keep:
+                    reasons.add("eos" if t in eos else "stop")
                     continue
                 out[j - 1].append(t)
                 slot = req.place(t, j, sampled=True)
-                if not cut and t not in stop and len(out[j - 1]) < limit:
+                if t in stop:
+                    reasons.add("eos" if t in eos else "stop")
+                elif ends is not None and ends(j, out[j - 1]):
+                    reasons.add("stop")
+                elif len(out[j - 1]) >= limit:
+                    reasons.add(limit_reason)
+                elif cut:
+                    reasons.add("max_new_tokens")
+                else:
                     still.append(j)
                     rows.append(slot)
             if progress is not None:
@@ -183,4 +221,5 @@ class BranchesMode(SerialMode):
                 for t in close:
                     req.place(t, j)
                 b.extend(close)
+        req.end(next((r for r in ("max_seq_len", "max_new_tokens", "stop", "eos") if r in reasons), ""))
         return out

@@ -13,6 +13,7 @@ request in its own cache row, with its own layout; a request with nothing to fee
 """
 from __future__ import annotations
 
+import operator
 import time
 from typing import Callable, Generator, Sequence
 
@@ -172,6 +173,9 @@ class Driver:
             ids = check_ids(tag, p, self.vocab_size)
             if not ids:
                 raise ValueError(f"{tag} must hold at least one token")
+            if len(ids) >= self.max_seq_len:
+                raise ValueError(f"{tag} holds {len(ids)} tokens, which leaves no slot under max_seq_len="
+                                 f"{self.max_seq_len}")
             out.append(ids)
         return out
 
@@ -186,22 +190,46 @@ def _rows_of(h: Tensor, pick_b: list[int], pick_t: list[int]) -> Tensor:
 
 
 def check_ids(name: str, ids: Sequence[int] | Tensor, vocab: int) -> list[int]:
-    """``ids`` as a list of ints, each in ``[0, vocab)``; else ``ValueError`` naming ``name``."""
+    """``ids`` as a list of ints, each in ``[0, vocab)``; else ``ValueError`` naming ``name`` (text where ids belong
+    included: encode it with the tokenizer first)."""
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{name} must be token ids (ints or an int tensor), got the text {ids[:40]!r}: encode it "
+                         "with the tokenizer first")
     if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of token ids, got dtype {ids.dtype}")
         ids = ids.reshape(-1).tolist()
-    ids = [int(t) for t in ids]
+    try:
+        ids = [_index(t) for t in ids]
+    except TypeError as e:
+        raise ValueError(f"{name} must be a sequence of token ids (ints or an int tensor): {e}") from None
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"{name} holds token ids outside [0, {vocab}): {bad[:5]}")
     return ids
 
 
-def stop_set(eos: int | Sequence[int] | None) -> set[int]:
+def _index(t) -> int:
+    if isinstance(t, (bool, str, bytes)):  # operator.index takes a bool; a str element is text where an id belongs
+        raise TypeError(f"got {type(t).__name__} {t!r} where a token id belongs")
+    try:
+        return operator.index(t)
+    except TypeError:
+        raise TypeError(f"got {type(t).__name__} {t!r} where a token id belongs") from None
+
+
+def stop_set(eos: int | Sequence[int] | None, name: str = "eos_token_id") -> set[int]:
+    """The stop ids ``eos`` (an id, a sequence of ids, or None) as a set; else ``ValueError`` naming ``name``."""
     if eos is None:
         return set()
-    if isinstance(eos, int):
-        return {eos}
-    return {int(t) for t in eos}
+    if isinstance(eos, Tensor):
+        eos = eos.reshape(-1).tolist()
+    if not isinstance(eos, (str, bytes)) and not hasattr(eos, "__iter__"):
+        eos = [eos]
+    try:
+        return {_index(t) for t in eos} if not isinstance(eos, (str, bytes)) else {_index(eos)}
+    except TypeError as e:
+        raise ValueError(f"{name} must be a token id or a sequence of token ids: {e}") from None
 
 
 def positive(name: str, value: int) -> None:

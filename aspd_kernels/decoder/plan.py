@@ -44,8 +44,8 @@ class PlanMode(BranchesMode):
         prompt_ids: ints or an int tensor, the prompt (with the format's instruction, e.g. ``YU_INSTRUCTION``;
             a prompt that ends with ``plan.item_open`` starts the plan at once).
         Stage 1 samples up to ``max_plan_tokens`` serial tokens under :class:`PlanGrammar`. If the plan is not
-        complete by then, or the model ends (EOS) before writing one, the answer is serial: ``result.branches`` is
-        empty and ``result.plan`` holds the tokens. Else every item is a branch of up to ``max_branch_tokens``
+        complete by then, or the model ends (EOS) before writing one, the answer is serial: ``result.plan_found`` is
+        False, ``result.branches`` is empty and ``result.plan`` holds the tokens. Else every item is a branch of up to ``max_branch_tokens``
         sampled tokens, ended by EOS or a ``plan.branch_stop`` token (both dropped) or the limit, then
         ``plan.branch_close`` is placed; ``plan.conclusion`` (serial) is fed with the branches' last tokens, and
         up to ``max_conclusion_tokens`` tokens are decoded (``plan.conclusion`` must then be non-empty).
@@ -54,6 +54,10 @@ class PlanMode(BranchesMode):
         (its dropped stop token included). ``result.plan``: stage 1's tokens; ``result.branches``: ``[[branch
         tokens after the prompt, branch_close included] per item]``; ``result.suffix``: the conclusion.
         ``width`` (fixed-length only): default ``max_branch_tokens + len(branch_close) + longest prompt``.
+        Slots: ``ValueError`` before decoding when ``len(prompt_ids) + max_plan_tokens`` exceeds ``max_seq_len``;
+        once the plan is known, the branches' limit is lowered so that every branch, the conclusion and its
+        ``max_conclusion_tokens`` fit (``result.stop_reason == "max_seq_len"`` when that cut a branch); a plan with
+        no room for its branches ends the answer there (``branches == []``, same reason).
         """
         return self.generate_plan_batch([prompt_ids], plan, max_plan_tokens, max_branch_tokens,
                                         max_conclusion_tokens, eos_token_id, position_strategy, temperature, top_k,
@@ -95,6 +99,11 @@ class PlanMode(BranchesMode):
                              "predicted from a serial token that sees every branch")
         params = SamplingParams(temperature, top_k, top_p, seed)
         prompts = self._prompts("prompt_ids", prompt_ids)
+        for i, p in enumerate(prompts):
+            if len(p) + max_plan_tokens > self.max_seq_len:
+                tag = "prompt_ids" if len(prompts) == 1 else f"prompt_ids[{i}]"
+                raise ValueError(f"{tag} ({len(p)} tokens) + max_plan_tokens ({max_plan_tokens}) exceed "
+                                 f"max_seq_len={self.max_seq_len}")
         stop, gen = stop_set(eos_token_id), params.generator(self.device)
         limits = (max_plan_tokens, max_branch_tokens, max_conclusion_tokens)
         reqs = self._requests(len(prompts), position_strategy)
@@ -120,19 +129,29 @@ class PlanMode(BranchesMode):
             if progress is not None:
                 progress(1)
             if grammar.complete or t in stop or len(written) == max_plan:
+                if not grammar.complete:
+                    req.end("eos" if t in stop else "max_new_tokens")
                 break
             logits = yield [last]
-        if not grammar.complete:  # no plan: a serial answer (the last token is never fed)
-            return req.result([], written, self._sync(), plan=written)
+        prompts = [[*fmt.item_open, *title, end] for title, end in grammar.items] if grammar.complete else []
+        # the slots the branches may take: what is left after their prompts, closes and the conclusion
+        room = req.room() - sum(map(len, prompts)) - len(prompts) * len(fmt.branch_close) - len(fmt.conclusion) \
+            - max_conclusion
+        if grammar.complete and room < len(prompts):
+            req.end("max_seq_len")
+        if not grammar.complete or room < len(prompts):  # no plan (or no room for it): the answer is serial
+            return req.result([], written, self._sync(), plan=written, mode="plan", plan_found=grammar.complete)
         # stage 2: one branch per item, prompts fed with the plan's last token
-        prompts = [[*fmt.item_open, *title, end] for title, end in grammar.items]
         need = max_branch + len(fmt.branch_close) + max(map(len, prompts))
         w = self._width(width, need, "max_branch_tokens + len(branch_close) + longest item prompt",
                         req.counter.strategy == "fixed-length")
         rows = self._open_branches(req, prompts, w)
         logits = yield rows
-        branches = yield from self._branch_loop(req, logits, rows, max_branch, stop | set(fmt.branch_stop), set(),
-                                                fmt.branch_close, params, gen, None, processor, None, progress)
+        fit = min(max_branch, room // len(prompts))
+        branches = yield from self._branch_loop(req, logits, rows, fit, stop | set(fmt.branch_stop), set(),
+                                                fmt.branch_close, params, gen, None, processor, None, progress,
+                                                eos=stop, limit_reason="max_new_tokens" if fit == max_branch
+                                                else "max_seq_len")
         # stage 3: the conclusion reads the branches where they are, in the cache
         req.close_section()
         for t in fmt.conclusion:
@@ -142,4 +161,4 @@ class PlanMode(BranchesMode):
             logits = yield ([last] if max_conclusion else [])
             conclusion = yield from self._serial_steps(req, logits, last, max_conclusion, stop, params, gen,
                                                        processor, progress)
-        return req.result([branches], conclusion, self._sync(), plan=written)
+        return req.result([branches], conclusion, self._sync(), plan=written, mode="plan", plan_found=True)

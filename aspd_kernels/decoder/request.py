@@ -70,6 +70,16 @@ class Request:
         self.forward_passes = 0
         self.widths: list[int] = []
         self.t0 = self.t1 = 0.0
+        self.stop_reason = ""  # why the last stage ended: set by the decoding loops (DecodeResult.stop_reason)
+
+    def end(self, reason: str) -> None:
+        """Record why a stage ended; "max_seq_len" (text was cut for lack of slots) is never overwritten."""
+        if self.stop_reason != "max_seq_len":
+            self.stop_reason = reason
+
+    def room(self) -> int:
+        """Slots left before ``max_seq_len``."""
+        return self.max_seq_len - len(self.tokens)
 
     def place(self, token: int, j: int = 0, sampled: bool = False) -> int:
         """Put ``token`` at the next slot (serial if ``j == 0``, else branch ``j`` of the open section)."""
@@ -114,7 +124,8 @@ class Request:
         s, b = self.seg[slot], self.br[slot]
         return [self.tokens[k] for k in range(slot + 1) if self.seg[k] != s or self.br[k] == b]
 
-    def result(self, branches: list, suffix: list[int], t2: float, plan: list[int] | None = None) -> DecodeResult:
+    def result(self, branches: list, suffix: list[int], t2: float, plan: list[int] | None = None, *,
+               mode: str = "", plan_found: bool | None = None) -> DecodeResult:
         lay = self.layout
         seg, br = torch.tensor(self.seg, dtype=torch.int32), torch.tensor(self.br, dtype=torch.int32)
         # the layout helper and the decoder's own bookkeeping must agree slot for slot
@@ -126,4 +137,5 @@ class Request:
             position_strategy=self.counter.strategy,
             width=self.widths if self.counter.strategy == "fixed-length" else None,
             prefill_s=self.t1 - self.t0, decode_s=t2 - self.t1, total_s=t2 - self.t0,
+            mode=mode, stop_reason=self.stop_reason, plan_found=plan_found,
         )

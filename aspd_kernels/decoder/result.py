@@ -17,11 +17,18 @@ class DecodeResult:
                no later token needs it.
     segment, branch, positions: int32 [N], the ids and rotary positions the decoder used for each slot.
     sampled:   bool [N], True where the decoder sampled the token (not given by the caller or inserted by the engine).
-    branches:  per parallel section (``generate``) or for the one section (``generate_branches``), each branch's
-               generated tokens in order, its end token (EOS / ``<|/branch|>``) included.
+    branches:  per parallel section (``generate``, ``generate_plan``) or for the one section
+               (``generate_branches``: a flat list), each branch's generated tokens in order, its end token (EOS /
+               ``<|/branch|>``) included. Its shape depends on the mode: :attr:`sections` has one shape for all.
     suffix:    tokens generated after the (last) parallel section (``generate_plan``: the conclusion).
     plan:      ``generate_plan``'s stage-1 tokens (the plan, or the whole serial answer when none was written).
     width:     the fixed-length stride of each parallel section (None for other strategies).
+    mode:      "serial", "branches", "aspd" or "plan": the method that made it.
+    stop_reason: why decoding ended: "eos" (the model ended), "stop" (a branch stop rule or token ended the last
+               branches), "max_new_tokens" (a token limit was reached), "max_seq_len" (the sequence ran out of
+               slots; the result holds everything generated until then).
+    plan_found: ``generate_plan`` only: False when the model wrote no complete plan, so the answer is serial
+               (``sections == []``, the text in ``plan`` and ``suffix``); None for the other modes.
     """
 
     sequence: torch.Tensor
@@ -39,6 +46,22 @@ class DecodeResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
+    mode: str = ""
+    stop_reason: str = ""
+    plan_found: bool | None = None
+
+    @property
+    def sections(self) -> list[list[list[int]]]:
+        """Every parallel section, in order, each a list of its branches' generated tokens: the same shape for
+        every mode (``generate_branches``: one section; ``generate_serial`` and a plan not found: none)."""
+        if self.mode == "branches":
+            return [self.branches] if self.branches else []
+        return list(self.branches)
+
+    @property
+    def parallel(self) -> bool:
+        """True when the answer has at least one parallel section."""
+        return bool(self.sections)
 
     @property
     def generated_tokens(self) -> int:

@@ -23,10 +23,14 @@ class SerialMode(Driver):
         """Plain autoregressive decoding (no sections) of ``prompt_ids`` (ints or int tensor, at least one token):
         the baseline parallel decoding is measured against and the path the identities compare branches with.
         ``result.suffix`` holds the up to ``max_new_tokens`` generated tokens (an ``eos_token_id`` included).
-        Forward passes: ``len(suffix)`` (the last token is sampled, never fed)."""
+        Forward passes: ``len(suffix)`` (the last token is sampled, never fed). ``ValueError`` before decoding when
+        ``len(prompt_ids) + max_new_tokens`` exceeds ``max_seq_len``."""
         positive("max_new_tokens", max_new_tokens)
         params = SamplingParams(temperature, top_k, top_p, seed)
         prompt = self._prompts("prompt_ids", [prompt_ids])[0]
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt_ids ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceed "
+                             f"max_seq_len={self.max_seq_len}")
         req = self._requests(1, "same-sequential")[0]
         return self._drive([(req, self._serial_program(req, prompt, max_new_tokens, stop_set(eos_token_id), params,
                                                        params.generator(self.device), logits_processor,
@@ -39,20 +43,25 @@ class SerialMode(Driver):
         logits = yield [last]
         req.t1 = self._sync()
         out = yield from self._serial_steps(req, logits, last, n, stop, params, gen, processor, progress)
-        return req.result([], out, self._sync())
+        return req.result([], out, self._sync(), mode="serial")
 
     def _serial_steps(self, req: Request, logits: Tensor, last: int, n: int, stop: set[int],
                       params: SamplingParams, gen, processor, progress) -> Generator[list[int], Tensor, list[int]]:
         """Sample up to ``n`` serial tokens from ``logits`` (those of slot ``last``), stopping after a token in
-        ``stop``. Each is placed; the last one is never fed (no later token needs it). Returns the tokens."""
+        ``stop``, or before a token the sequence has no slot for. Each is placed; the last one is never fed (no later
+        token needs it). Returns the tokens; sets ``req.stop_reason`` (when ``n > 0``)."""
         out: list[int] = []
         for i in range(n):
+            if req.room() < 1:
+                req.end("max_seq_len")
+                break
             t = self._sample(req, logits, [last], params, gen, None, processor)[0]
             out.append(t)
             last = req.place(t, sampled=True)
             if progress is not None:
                 progress(1)
             if t in stop or i == n - 1:
+                req.end("eos" if t in stop else "max_new_tokens")
                 break
             logits = yield [last]
         return out

@@ -109,3 +109,91 @@ def test_cli_plan_mode(model_dir):
     for j, b in enumerate(want.branches[0], start=1):
         assert f"[branch {j}] {tok.decode(b, skip_special_tokens=False)!r}" in lines
     assert f"== after the section: {tok.decode(want.suffix, skip_special_tokens=False)!r}" in lines
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """``main(argv)`` in-process: (exit status, stdout, stderr); a usage error's SystemExit gives its code."""
+    from aspd_kernels.generate import main
+
+    try:
+        rc = main(list(args))
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    """Bad input: one line on stderr naming what is wrong, exit status 2, no traceback."""
+    path, _ = model_dir
+    monkeypatch.setenv("ASPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ASPD_DEBUG", raising=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    cases = [
+        (["--model", str(tmp_path / "nope"), "--prompt", "w5", "--branches", "w7"], "is not a model directory"),
+        (["--model", str(tmp_path / "empty"), "--prompt", "w5", "--branches", "w7"], "has no config.json"),
+        (["--model", str(tmp_path / "bad.gguf"), "--prompt", "w5", "--branches", "w7"], "GGUF"),
+        (["--model", str(path), "--prompt", "w5", "--branches", "w7", "--suffix-tokens", "2"],
+         "--suffix-tokens needs --suffix"),
+        (["--model", str(path), "--prompt", "w5", "--branches", "w7", "--max-new-tokens", "0"], "must be >= 1"),
+        (["--model", str(path), "--prompt", "w5", "--plan", "--stop", "x"], "--stop is for --branches"),
+        (["--model", str(path), "--prompt", "w5", "--branches", "w7", "--max-seq-len", "8", "--device", "cpu",
+          "--no-progress"], "more than max_seq_len=8"),
+        (["--model", str(path), "--prompt", "w5", "--branches", "w7", "--chat", "--device", "cpu"],
+         "has no chat template"),
+    ]
+    for argv, want in cases:
+        rc, out, err = _main(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2, (argv, rc, err)
+        assert len(lines) == 1 and want in lines[0] and "Traceback" not in err, (argv, err)
+        assert lines[0].startswith(("error: ", "python -m aspd_kernels.generate: error: ")), lines[0]
+        assert out == "", (argv, out)
+
+
+def test_cli_wrong_model_exit_status_from_the_shell(tmp_path):
+    out = _cli("--model", str(tmp_path / "nope"), "--prompt", "x", "--branches", "y")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"error: model: {str(tmp_path / 'nope')!r} is not a model directory, a .gguf file, or 'smollm2'")
+
+
+def test_cli_branches_stop_and_distinct_starts(model_dir, capsys):
+    """--stop ends a branch at the first token whose text holds it (kept), the others go on; --distinct-starts
+    (default) keeps branch 1 as decoded alone and gives no two branches the same first token."""
+    path, model = model_dir
+    base = ["--model", str(path), "--prompt", "w5 w17 w33", "--branches", "w7", "w7", "w7", "--max-new-tokens",
+            "5", "--device", "cpu", "--no-progress"]
+
+    def branches(out: str) -> list[list[str]]:
+        rows = [ln for ln in out.splitlines() if ln.startswith("[branch ")]
+        return [eval(ln.split(" -> ", 1)[1]).split() for ln in rows]  # noqa: S307 - our own repr
+
+    rc, out, _ = _main(capsys, *base, "--no-distinct-starts", "--stop")
+    assert rc == 0
+    alone = branches(out)
+    assert alone[0] == alone[1] == alone[2] and len(alone[0]) == 5  # the same prompt: the same text
+    rc, out, _ = _main(capsys, *base, "--stop")
+    firsts = [b[0] for b in branches(out)]
+    assert branches(out)[0] == alone[0] and len(set(firsts)) == 3
+    word = alone[0][2]
+    rc, out, _ = _main(capsys, *base, "--no-distinct-starts", "--stop", word)
+    k = alone[0].index(word)
+    assert rc == 0 and all(b == alone[0][:k + 1] for b in branches(out))
+    assert "stopped           a stop rule ended the branches" in out
+    lines = out.splitlines()
+    answer = lines[lines.index("== answer:") + 1:lines.index("== answer:") + 4]
+    text = " ".join(w for w in alone[0][:k + 1] if w not in TOKEN_STRINGS)  # special tokens are not shown there
+    assert answer == [f"w7{text}"] * 3  # each branch prompt, then its text
+
+
+def test_cli_plan_not_found_is_said_once(model_dir, capsys):
+    """A model that writes no plan: the CLI says the answer is serial, and prints its text once."""
+    path, _ = model_dir
+    rc, out, _ = _main(capsys, "--model", str(path), "--prompt", "w5 w17", "--plan", "--max-plan-tokens", "4",
+                       "--max-new-tokens", "2", "--device", "cpu", "--no-progress")
+    assert rc == 0
+    assert out.splitlines()[0].startswith("== no plan: the model wrote no complete plan within --max-plan-tokens")
+    assert "so the answer is serial" in out and "after the section" not in out and "== parallel section" not in out
+    assert sum(ln.startswith("== answer:") for ln in out.splitlines()) == 1
+    assert "stopped           a token limit was reached" in out

@@ -117,7 +117,10 @@ class BranchesMode(SerialMode):
             need = len(prefix) + sum(map(len, prompts)) + len(prompts) * max_new_tokens + len(suffix_in) \
                 + max_suffix_tokens
             if need > self.max_seq_len:
-                raise ValueError(f"request{tag} may need {need} slots, more than max_seq_len={self.max_seq_len}")
+                raise ValueError(f"request{tag} may need {need} slots (prefix_ids {len(prefix)} + branch_prompts "
+                                 f"{sum(map(len, prompts))} + {len(prompts)} branches x max_new_tokens "
+                                 f"{max_new_tokens} + suffix_ids {len(suffix_in)} + max_suffix_tokens "
+                                 f"{max_suffix_tokens}), more than max_seq_len={self.max_seq_len}")
             w = self._width(width, max_new_tokens + max(map(len, prompts)), "max_new_tokens + longest prompt")
             rule = stop_rule(stop_token_ids, stop_strings, tokenizer, len(prompts), v)
             programs.append((req, self._branches_program(req, prefix, prompts, max_new_tokens, stop, suffix_in,

@@ -104,20 +104,6 @@ def _chat(tok, text: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
 
 
-def distinct_starts(prefix_len: int, prompts: list[list[int]]):
-    """A logits processor for ``generate_branches``: at the branches' first step (every row's history is the prefix
-    and its branch prompt), each branch's likeliest token is ruled out for the branches after it, so no two start
-    alike; every later step is left alone."""
-    def proc(logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
-        if len(histories) != len(prompts) or any(len(h) != prefix_len + len(p) for h, p in zip(histories, prompts)):
-            return logits
-        out = logits.clone()
-        for r in range(1, out.shape[0]):
-            out[r, out[:r].argmax(dim=-1)] = float("-inf")
-        return out
-    return proc
-
-
 def main(argv: list[str] | None = None) -> int:
     a = _args(argv)
     try:
@@ -134,7 +120,7 @@ def _run(a: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from .decoder import YU_INSTRUCTION, ParallelDecoder, PlanFormat
+    from .decoder import YU_INSTRUCTION, ParallelDecoder, PlanFormat, distinct_starts
     from .models import resolve_model_path
     from .tokens import AspdTokens
 

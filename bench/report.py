@@ -51,6 +51,18 @@ def _f(x, fmt="{:.3g}") -> str:
     return "" if x is None else fmt.format(x)
 
 
+def ratio(x) -> str:
+    """A ratio with the digits it needs: three significant ones (0.00420x, 0.310x, 1.89x, 12.3x), whole numbers from
+    100x on; never 0.00x."""
+    if x is None:
+        return ""
+    if x >= 100:
+        return f"{x:,.0f}x"
+    if x == 0:
+        return "0x"
+    return f"{x:#.3g}".rstrip(".") + "x" if x >= 1e-4 else f"{x:.1e}x"
+
+
 def _pct(x) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
@@ -82,7 +94,7 @@ def summary_table(op: str, rows: list[dict]) -> str:
         fr = best["fraction_of_ceiling"]
         lines.append([label, best["backend"], _f(best["ms"]), _f(best["gbps"]), _f(best["tflops"]),
                       _pct(fr.get("bandwidth")), _pct(fr.get("compute"))]
-                     + [_f(best["ratio"].get(b), "{:.2f}x") for b in baselines])
+                     + [ratio(best["ratio"].get(b)) for b in baselines])
     header = ["case", "best", "ms", "GB/s", "TFLOP/s", "% copy BW", "% matmul"] + [f"vs {b}" for b in baselines]
     return _table(header, lines)
 
@@ -105,13 +117,29 @@ def e2e_table(rows: list[dict]) -> str:
         if r["status"] != "ok" or not r["backend"]:
             continue
         e, lay = r.get("e2e", {}), r["layout"]
+        speedup = ratio(e.get("speedup"))
+        if e.get("over_limit"):  # noise, not a result: the run must be repeated on a quieter machine
+            speedup += " (above its limit: a noisy run, not a result)"
         lines.append([r["shape"].get("model", ""), lay.get("workload", ""), _f(lay.get("K")),
                       str(lay.get("branch_len")),
                       _f(r["ms"], "{:.1f}"), _f(e.get("tokens_per_s"), "{:.1f}"), str(e.get("forward_passes")),
-                      str(e.get("serial_forward_passes")), _f(e.get("speedup"), "{:.2f}x"),
-                      _f(e.get("speedup_limit"), "{:.2f}x"), _pct(r["fraction_of_ceiling"].get("bandwidth"))])
+                      str(e.get("serial_forward_passes")), speedup,
+                      ratio(e.get("speedup_limit")), _pct(r["fraction_of_ceiling"].get("bandwidth"))])
     return _table(["model", "workload", "K", "L", "parallel ms/answer", "tokens/s", "passes", "serial passes",
                    "speedup vs serial", "limit", "weights GB/s % copy"], lines)
+
+
+def e2e_examples(rows: list[dict]) -> list[str]:
+    """The real answers the end-to-end runs decoded (real models only), as Markdown lines."""
+    out = []
+    for r in rows:
+        ex = r.get("e2e", {}).get("example") if r["status"] == "ok" else None
+        if ex:
+            out += [f"An answer of {r['shape'].get('model')} decoded in parallel, {len(ex['answer'])} branches in "
+                    f"one sequence ({ex['tokens']} tokens in {ex['forward_passes']} forward passes; greedy, each "
+                    f"branch ends at its first newline, no two start alike; untimed):", "",
+                    f"> **{ex['question']}**", ">"] + [f"> {a}  " for a in ex["answer"]] + [""]
+    return out
 
 
 def problems_table(rows: list[dict]) -> str:
@@ -150,9 +178,12 @@ def markdown(rows: list[dict], detail: bool = True) -> str:
             continue
         out += [f"## {op}", ""]
         if op == "e2e":
-            if cpu:
-                out += ["Tiny random Llama on the CPU (2 layers, hidden 64): checks the harness only.", ""]
-            out += [e2e_table(by_op[op]), ""]
+            if cpu and any(r["shape"].get("model") == "tiny-llama-cpu" for r in by_op[op]):
+                out += ["`tiny-llama-cpu`: a tiny random Llama (2 layers, hidden 64) that checks the harness only.",
+                        ""]
+            out += ["Speedup: the serial runs' time / the parallel run's, each the fastest of interleaved rounds; "
+                    "its limit is K (a memory-bound step costs about as much for K tokens as for one).", "",
+                    e2e_table(by_op[op]), "", *e2e_examples(by_op[op])]
             continue
         out += [summary_table(op, by_op[op]), ""]
         if detail:

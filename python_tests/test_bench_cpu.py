@@ -3,7 +3,9 @@ checks that the benchmark harness counts work correctly and writes rows that fol
 from __future__ import annotations
 
 import json
+import pathlib
 import os
+import subprocess
 
 import pytest
 import torch
@@ -189,6 +191,60 @@ def test_e2e_tiny_model_or_clear_error():
     assert k3["forward_passes"] < k3["serial_forward_passes"]
     mixed = [r for r in rows if r["backend"] and r["layout"]["workload"] == "mixed"]
     assert mixed and 2.8 < mixed[0]["e2e"]["speedup_limit"] < 2.9
+    assert all(r["e2e"]["over_limit"] is (r["e2e"]["speedup"] > 1.1 * r["e2e"]["speedup_limit"])
+               for r in par + mixed)
+
+
+def test_default_output_folder_is_bench_out_in_the_current_directory(tmp_path, monkeypatch):
+    """A user's run writes into ./bench-out (ignored by git at the repository root), never into bench/results/."""
+    results = pathlib.Path(bench_main.__file__).parent / "results"
+    before = sorted(p.name for p in results.iterdir())
+    assert bench_main.parse([]).out == "bench-out"
+    monkeypatch.setattr(bench_remap_positions, "cases",
+                        lambda ctx: [bench_remap_positions.PosCase(64, 4, "interleaved", "tokens")])
+    monkeypatch.chdir(tmp_path)
+    assert bench_main.main(["--ops", "remap_positions", "--budget-s", "0.01", "--device", "cpu"]) == 0
+    written = sorted(p.name for p in (tmp_path / "bench-out").iterdir())
+    assert [n for n in written if n.endswith("-cpu.jsonl")] and [n for n in written if n.endswith("-cpu.md")]
+    assert sorted(p.name for p in results.iterdir()) == before
+    root = pathlib.Path(bench_main.__file__).parent.parent
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench-out/x.md"], cwd=root, timeout=30)
+    assert ignored.returncode == 0, "bench-out/ must be ignored by git"
+
+
+def test_ratios_print_with_the_digits_they_need():
+    from bench.report import ratio
+
+    assert [ratio(x) for x in (0.0042, 0.013, 0.31, 1.0, 1.894, 12.34, 99.96, 123.4, 4321.0)] == [
+        "0.00420x", "0.0130x", "0.310x", "1.00x", "1.89x", "12.3x", "100x", "123x", "4,321x"]
+    assert ratio(3e-5) == "3.0e-05x" and ratio(0) == "0x" and ratio(None) == ""
+    assert all(ratio(x) != "0.00x" for x in (1e-3, 4e-3, 1e-6))
+
+
+def test_e2e_speedup_above_its_limit_is_flagged():
+    """The runs are timed in interleaved rounds; a speedup still above its limit K is marked as noise in the row and
+    the report, never printed as a result."""
+    from bench import bench_e2e
+
+    r = {"status": "ok", "backend": "torch", "baseline": None, "ms": 10.0, "shape": {"model": "m"},
+         "layout": {"workload": "branches", "K": 1, "branch_len": 8}, "fraction_of_ceiling": {},
+         "e2e": {"speedup": 1.89, "speedup_limit": 1.0, "forward_passes": 10, "serial_forward_passes": 8,
+                 "tokens_per_s": 1.0, "over_limit": 1.89 > bench_e2e.OVER_LIMIT * 1.0}}
+    table = report.e2e_table([r])
+    assert "1.89x (above its limit: a noisy run, not a result)" in table and "| 1.00x |" in table
+    r["e2e"].update(speedup=0.87, over_limit=False)
+    assert "above its limit" not in report.e2e_table([r]) and "0.870x" in report.e2e_table([r])
+
+
+def test_e2e_cpu_default_is_the_real_model():
+    from bench import bench_e2e
+    from bench.common import Context, environment
+
+    ctx = Context(device=torch.device("cpu"), dtype=torch.float32, grid="cpu", ceilings={}, budget_s=0.01,
+                  mask_cap_bytes=1 << 20, torch_backend_max_tokens=0, env=environment(torch.device("cpu")))
+    (case,) = bench_e2e.cases(ctx)
+    assert case.model == "smollm2-135m" and case.model in bench_e2e.REAL and case.mixed_len == 0
+    assert [c.model for c in bench_e2e.cases(ctx, ["tiny-llama-cpu"])] == ["tiny-llama-cpu"]
 
 
 # ------------------------------------------------------------------ the baselines compute what they claim to

@@ -10,14 +10,16 @@ that calls the ops, one static KV cache, several branches of an answer in one se
 
 Files: engine (ParallelDecoder, assembled from the modes), driver (forward pass, lockstep driver), serial,
 branches, aspd, plan + plan_format (the modes), request (one request's slots and positions), config, model,
-weights, cache, graphs (CUDA graphs of decode steps), sampling (greedy/sampled, ASPD grammar masks), result.
+weights, cache, graphs (CUDA graphs of decode steps), sampling (greedy/sampled, ASPD grammar masks), stops (the
+caller's branches' stop rules), processors (logits processors for them), result.
 """
 from .config import ModelConfig
 from .engine import ParallelDecoder
 from .model import Transformer
 from .plan_format import YU_INSTRUCTION, PlanFormat, PlanGrammar
+from .processors import distinct_starts
 from .result import DecodeResult
 from .sampling import Grammar, SamplingParams, sample
 
 __all__ = ["ParallelDecoder", "DecodeResult", "ModelConfig", "Transformer", "Grammar", "SamplingParams", "sample",
-           "PlanFormat", "PlanGrammar", "YU_INSTRUCTION"]
+           "PlanFormat", "PlanGrammar", "YU_INSTRUCTION", "distinct_starts"]

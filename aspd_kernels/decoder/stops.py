@@ -46,10 +46,10 @@ def stop_rule(stop_token_ids, stop_strings, tokenizer, k: int, vocab: int) -> St
     if strs is not None:
         if any(s == "" for b in strs for s in b):
             raise ValueError("stop_strings holds an empty string (every text contains it)")
-        if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
-            raise ValueError("stop_strings needs tokenizer= (anything with decode(ids) -> str) to read the branches")
         if not any(strs):
             strs = None
+        elif tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError("stop_strings needs tokenizer= (anything with decode(ids) -> str) to read the branches")
     if ids is None and strs is None:
         return None
 

@@ -67,17 +67,41 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="an earlier JSONL of the same ops: its finished cases are copied, not rerun")
     ap.add_argument("--mask-cap-gb", type=float, default=None,
                     help="skip dense N x N baselines above this (default: 20%% of GPU memory, 1 GiB on CPU)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: torch's choice, less the cores the load average says are busy)")
     ap.add_argument("--torch-max-tokens", type=int, default=16384,
                     help="largest N for the tiled torch backend on a GPU (it syncs the host per tile)")
     return ap.parse_args(argv)
 
 
+def cpu_threads(requested: int) -> tuple[int, str | None]:
+    """Torch CPU threads for a run: ``requested`` if given, else torch's choice less the cores other work keeps
+    busy (the 1-minute load average), at least 1; with a note when it is fewer than torch's choice. On a shared
+    machine two threads whose partner is descheduled wait out whole time slices at every barrier: runs of the same
+    call then vary by 10x and more, which no timing can use."""
+    default = torch.get_num_threads()
+    if requested:
+        return requested, None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return default, None
+    n = max(1, min(default, int(cores - busy + 0.5)))
+    if n >= default:
+        return default, None
+    return n, (f"the CPU is busy (load average {busy:.1f} on {cores} cores): torch threads {default} -> {n} "
+               "(--threads N to choose)")
+
+
 def make_context(args: argparse.Namespace) -> Context:
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
+    if not cuda or args.threads:
+        n, note = cpu_threads(args.threads)
+        torch.set_num_threads(n)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
     grid = "quick" if args.quick else "full" if (args.full or cuda) else "cpu"

@@ -236,6 +236,18 @@ def test_e2e_speedup_above_its_limit_is_flagged():
     assert "above its limit" not in report.e2e_table([r]) and "0.870x" in report.e2e_table([r])
 
 
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    """A loaded machine gets fewer torch threads (at least one), a quiet one torch's choice, --threads wins."""
+    n = torch.get_num_threads()
+    monkeypatch.setattr(bench_main.os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
+    monkeypatch.setattr(bench_main.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert bench_main.cpu_threads(0) == (n, None)
+    monkeypatch.setattr(bench_main.os, "getloadavg", lambda: (20.5, 0.0, 0.0))
+    got, note = bench_main.cpu_threads(0)
+    assert got == 1 and (note is None) == (n == 1)
+    assert bench_main.cpu_threads(3) == (3, None)
+
+
 def test_e2e_cpu_default_is_the_real_model():
     from bench import bench_e2e
     from bench.common import Context, environment

@@ -16,7 +16,8 @@ import torch
 from .branch_attention import preprocess_rows
 from .branch_attention_backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .branch_attention_forward import fwd_kernel
-from .branch_attention_with_kvcache import _decode_kernel, _merge_kernel, merge_rows
+from .branch_attention_with_kvcache import _decode_kernel
+from .decode_merge import CHUNK_S, _merge_kernel, merge_warps
 from .tile_configs import (ADA, AMPERE, HOPPER, Config, block_d, bwd_configs, decode_config, dot_precision,
                            fwd_config)
 
@@ -115,8 +116,10 @@ def _decode_specs(dt: str, d: int) -> list[dict]:
     merge_sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dt}", "CACHE_SEQLENS": "*i32",
                  "Q_SEQLENS": "*i32", **{name: I32 for name in _MERGE_INTS}}
     for target, smem in ((HOPPER, (HOPPER,)), (AMPERE, (AMPERE, ADA))):
-        specs.append(_spec(f"decode_merge_{dt}_d{d}", _merge_kernel, merge_sig,
-                           dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_R=merge_rows(d)), None, target, smem))
+        for chunk in (16, CHUNK_S):  # the common chunk at one wave of splits, and the largest
+            spec = _spec(f"decode_merge_{dt}_d{d}_s{chunk}", _merge_kernel, merge_sig,
+                         dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_S=chunk), None, target, smem)
+            specs.append(dict(spec, num_warps=merge_warps(d)))
     return specs
 
 

@@ -96,18 +96,27 @@ def decode_config(rows: int, head_dim: int, dtype: torch.dtype, cap: int = HOPPE
     (64 at a padded width of 256), ``tl.dot`` needs >= 16. Registers and shared memory grow with the padded width,
     so D = 80 is tiled as 128.
 
+    Stages (issue 21): decode streams the cache once, so its speed is the bytes in flight per SM. With 4 stages
+    the loop keeps 2 tiles' copies in flight while it computes on the third (the async wait at the loop top leaves
+    8 of the 4 copy groups a tile issues; 3 stages leave one tile, ``.ci/aot_compile_triton.py`` asserts at least
+    one): 64 KB in flight at 64 keys x 128 x bf16. The 99 KB parts (sm_86/89) keep 3 (2 at width 256).
+    128-row tiles (K = 64 at GQA 4) take 64 keys, as the other tiles: 165 KB, 190 registers, no stack at 4 stages
+    and 8 warps on sm_90 (132 KB, 197 registers on sm_80), where 32 keys moved 16 KB per iteration.
+
     Compiled 2026-11-25 (shared memory, stack): 64 rows x 128 with 4 warps spilled 8-24 B on sm_80 (triton 3.7)
     and 16 B on sm_90 (triton 3.6, the GPU image's), hence 8 warps from 64 x 128 up; sm_80 spilled 8 B with 3
-    stages at D = 16, hence 2 there; three stages of a 256-wide tile need 102,912 B, two on
-    99 KB parts; float32 tiles (4-byte K/V, IEEE dots) needed up to 205 KB and spilled 8 KB at 128 rows, hence 32
-    rows and 32 keys (16 at width 256), two stages."""
+    stages at D = 16, hence 2 there; float32 tiles (4-byte K/V, IEEE dots) needed up to 205 KB and spilled 8 KB at
+    128 rows, hence 32 rows and 32 keys (16 at width 256), two stages."""
     bd = block_d(head_dim)
     if dtype == torch.float32:
         return Config(min(max(16, triton.next_power_of_2(rows)), 32), 32 if bd <= 128 else 16, 4, 2)
     block_m = min(max(16, triton.next_power_of_2(rows)), 64 if bd > 128 else 128)
-    block_n = 32 if bd > 128 or block_m >= 128 else 64
+    block_n = 32 if bd > 128 else 64
     warps = 8 if block_m * bd >= 64 * 128 else 4
-    if cap >= HOPPER:
-        return Config(block_m, block_n, warps, 3)
-    stages = 2 if (bd > 128 and _small_smem(cap)) or bd <= 16 else 3
+    if _small_smem(cap):
+        stages = 2 if bd > 128 or bd <= 16 else 3
+    elif cap >= HOPPER:
+        stages = 4
+    else:
+        stages = 2 if bd <= 16 else 4
     return Config(block_m, block_n, warps, stages)

@@ -40,7 +40,9 @@ def _targets(config_of) -> list[tuple[int, tuple[int, ...], Config]]:
 
 
 def _spec(name: str, fn, signature: dict, constexprs: dict, cfg: Config | None, target: int,
-          smem: tuple[int, ...]) -> dict:
+          smem: tuple[int, ...], overlap: bool = False) -> dict:
+    """One compile spec; ``overlap``: CI asserts that every loop keeps a tile's copies in flight at its top wait
+    (the 16-bit attention loops; float32 is the correctness path and runs 2 stages)."""
     if smem == (target,):
         tag = f"sm{target}"
     elif target in smem:
@@ -48,7 +50,7 @@ def _spec(name: str, fn, signature: dict, constexprs: dict, cfg: Config | None, 
     else:
         tag = f"sm{target}-as-" + "-".join(str(c) for c in smem)
     spec = dict(name=f"{name}_{tag}", fn=fn, signature=signature, constexprs=constexprs, target=target,
-                smem_capabilities=smem)
+                smem_capabilities=smem, overlap=overlap)
     if cfg is not None:
         spec.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return spec
@@ -75,15 +77,17 @@ def _prefill_specs(dt: str, d: int) -> list[dict]:
     pre_sig = {"OUT": ptr, "DOUT": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **strides("o", "do"), "stride_lh": I32,
                "total_q": I32}
     base = f"{dt}_d{d}"
+    pipelined = dt != "fp32"
     specs = []
     for target, smem, cfg in _targets(lambda cap: fwd_config(d, torch_dt, cap)):
         specs.append(_spec(f"prefill_fwd_{base}", fwd_kernel, fwd_sig,
-                           dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COUNT=False), cfg, target, smem))
+                           dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COUNT=False), cfg, target, smem,
+                           pipelined))
     for target, smem, (kc, qc) in _targets(lambda cap: bwd_configs(d, torch_dt, cap)):
         specs.append(_spec(f"prefill_bwd_dkdv_{base}", bwd_dkdv_kernel, dkdv_sig,
-                           dict(common, BLOCK_M=kc.block_m, BLOCK_N=kc.block_n), kc, target, smem))
+                           dict(common, BLOCK_M=kc.block_m, BLOCK_N=kc.block_n), kc, target, smem, pipelined))
         specs.append(_spec(f"prefill_bwd_dq_{base}", bwd_dq_kernel, dq_sig,
-                           dict(common, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n), qc, target, smem))
+                           dict(common, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n), qc, target, smem, pipelined))
     for target, smem in ((HOPPER, (HOPPER,)), (AMPERE, (AMPERE, ADA))):
         specs.append(_spec(f"prefill_bwd_preprocess_{base}", bwd_preprocess_kernel, pre_sig,
                            dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_T=preprocess_rows(bd), HAS_DLSE=True), None, target,
@@ -112,7 +116,7 @@ def _decode_specs(dt: str, d: int) -> list[dict]:
                 f"decode_{dt}_d{d}_rows{rows}{'_paged' if paged else ''}{'_split' if split else ''}", _decode_kernel,
                 sig, dict(G=4, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
                           SPLIT=split, CAST_F32=dt == "fp32", DOT_PRECISION=dot_precision(DTYPES[dt])),
-                cfg, target, smem))
+                cfg, target, smem, overlap=dt != "fp32"))
     merge_sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dt}", "CACHE_SEQLENS": "*i32",
                  "Q_SEQLENS": "*i32", **{name: I32 for name in _MERGE_INTS}}
     for target, smem in ((HOPPER, (HOPPER,)), (AMPERE, (AMPERE, ADA))):

@@ -19,6 +19,7 @@ from kv_helpers import make_cache  # noqa: E402
 from test_triton_decode import DEVICE, check, new_tokens, to_dev  # noqa: E402
 
 from aspd_kernels.triton import decode_merge  # noqa: E402
+from aspd_kernels.triton.tile_configs import decode_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
                                 reason="needs a GPU or TRITON_INTERPRET=1")
@@ -48,7 +49,7 @@ def test_rows_1_to_64_new_tokens_split(lq, paged):
 
 
 def test_128_row_tiles_take_64_keys():
-    cfg = kernel.decode_config(256, 128, torch.bfloat16, 90)
+    cfg = decode_config(256, 128, torch.bfloat16, 90)
     assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (128, 64, 8, 4)
 
 

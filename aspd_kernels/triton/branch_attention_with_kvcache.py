@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .decode_merge import _merge_kernel, merge_launch
-from .tile_configs import block_d, capability, decode_config, dot_precision
+from .tile_configs import Config, block_d, decode_config_for, dot_precision
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _MIN_SPLIT_SLOTS = 256  # a split shorter than this costs more in merging than it gains in parallelism
@@ -228,13 +228,14 @@ def num_splits_for(batch: int, hkv: int, row_tiles: int, capacity: int, device: 
 def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   cache_seqlens: torch.Tensor, segment: torch.Tensor, branch: torch.Tensor,
                                   q_seqlens: torch.Tensor, block_table: torch.Tensor | None, softmax_scale: float,
-                                  num_splits: int | None = None, *, out: torch.Tensor | None = None
-                                  ) -> torch.Tensor:
+                                  num_splits: int | None = None, *, out: torch.Tensor | None = None,
+                                  config: Config | None = None) -> torch.Tensor:
     """Backend entry point (see ``aspd_kernels._dispatch``): ``out [B, Lq, Hq, D]`` in q's dtype from
     ``q [B, Lq, Hq, D]``, ``k_cache, v_cache [B, Ncap, Hkv, D]`` (paged: ``[num_blocks, block_size, Hkv, D]``),
     ``cache_seqlens, q_seqlens int32 [B]``, ``segment, branch int32`` shaped as the cache's first two dimensions.
-    ``num_splits`` forces the split count (tests); ``out`` is an optional preallocated output (any strides, last
-    one 1), every element of which is written."""
+    ``num_splits`` forces the split count (tests, the sweep); ``out`` is an optional preallocated output (any
+    strides, last one 1), every element of which is written; ``config`` forces the tiles (the sweep; its
+    ``block_m`` must hold at least 16 rows)."""
     bsz, lq, hq, d = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
@@ -243,7 +244,7 @@ def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if out.numel() == 0:
         return out
-    cfg = decode_config(lq * g, d, q.dtype, capability(q.device))
+    cfg = config or decode_config_for(lq * g, d, q.dtype, q.device, paged)
     block_m, block_n = cfg.block_m, cfg.block_n
     row_tiles = triton.cdiv(lq * g, block_m)
     splits = num_splits or num_splits_for(bsz, hkv, row_tiles, capacity, q.device, block_n)

@@ -1,4 +1,6 @@
-"""Tile tables of the attention kernels, per GPU architecture. No autotuning: block skipping builds its tile lists
+"""Tile tables of the attention kernels, per GPU architecture, and per device where a tuned table exists
+(``tuned_tiles``: ``tuned/<device>.json``, written by ``bench/tune_decode.py``; the tables here are the fallback).
+No autotuning: block skipping builds its tile lists
 with the block size the kernel uses, and one fixed table keeps CUDA-graph capture and torch.compile free of
 benchmarking runs.
 
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
+from . import tuned_tiles
 
 HOPPER, AMPERE, ADA = 90, 80, 89
 AOT_CAPABILITIES = (HOPPER, AMPERE, ADA)  # the architectures whose table entries CI compiles and checks
@@ -129,3 +133,15 @@ def decode_config(rows: int, head_dim: int, dtype: torch.dtype, cap: int = HOPPE
     if cap < HOPPER and bd <= 16 and block_m <= 16:
         warps = 2  # 4 warps spilled 8 B on sm_80 at 3 and 4 stages; 2 do not (and cross fewer warps)
     return Config(block_m, block_n, warps, stages)
+
+
+def decode_config_for(rows: int, head_dim: int, dtype: torch.dtype, device: torch.device, paged: bool) -> Config:
+    """``decode_config`` for ``device``'s capability, with ``block_n``, warps and stages replaced by the device's
+    tuned table where it has an entry for (decode, dtype, padded width, row bucket, paged). Shapes and the device
+    only: the same tiles on every step."""
+    cap = capability(device)
+    cfg = decode_config(rows, head_dim, dtype, cap)
+    entry = tuned_tiles.lookup("decode", dtype, block_d(head_dim), cfg.block_m, paged, device, cap)
+    if entry is None:
+        return cfg
+    return Config(cfg.block_m, entry["block_n"], entry["num_warps"], entry["num_stages"])

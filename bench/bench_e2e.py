@@ -186,6 +186,9 @@ def run_case(ctx: Context, case: E2ECase) -> list[dict]:
         s["e2e"] = {"tokens_per_s": tokens / (serial_ms * 1e-3), "generated_tokens": tokens,
                     "forward_passes": serial_passes, "serial_runs": serial_runs}
         rows.extend([r, s])
+        if ctx.stream is not None:  # the 8B grid takes minutes: each finished pair is kept at once
+            ctx.stream(r)
+            ctx.stream(s)
 
     try:
         # warm-up for every step width that will be timed: kernel compilation, autotuning and CUDA-graph capture
@@ -238,6 +241,9 @@ def run_case(ctx: Context, case: E2ECase) -> list[dict]:
         s["ms_p25"] = s["ms_p75"] = None
         s["e2e"] = {"tokens_per_s": tokens / (ser_ms * 1e-3), "generated_tokens": tokens, "forward_passes": ser_passes}
         rows.extend([r, s])
+        if ctx.stream is not None:  # the 8B grid takes minutes: each finished pair is kept at once
+            ctx.stream(r)
+            ctx.stream(s)
     except Exception as exc:  # noqa: BLE001
         kind = "out of memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else type(exc).__name__
         tb = traceback.extract_tb(exc.__traceback__)

@@ -12,7 +12,9 @@ then the online softmax of FlashAttention-2 in base 2. With one split the progra
 writes its partial output and log-sum-exp and ``decode_merge._merge_kernel`` combines them (LSE merge, one
 program per row, every split loaded at once).
 
-Paged caches translate each slot through ``block_table`` per token (any ``block_size``). Lengths are clamped to the
+Paged caches translate each slot through ``block_table`` per token (any ``block_size``), the block ids of tile
+``j + 1`` loaded during tile ``j`` so that the pipelined K/V copies never wait on a table read of their own
+iteration (``.ci/aot_compile_triton.py`` asserts the overlap for both cache kinds). Lengths are clamped to the
 capacity and block ids to ``[0, num_blocks)``, so unchecked inputs cannot read out of bounds. The number of splits
 depends only on shapes and the device (never on ``cache_seqlens``), so a step is CUDA-graph capturable.
 """

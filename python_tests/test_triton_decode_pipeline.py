@@ -110,3 +110,14 @@ def test_every_split_boundary(splits):
                               max_tokens=120))
     q = torch.randn(1, 2, 2, 16, device=DEVICE)
     check(cache, q, new_tokens(cache["cache_seqlens"], 2), torch.float32, num_splits=splits)
+
+
+@pytest.mark.parametrize("d", [8, 64, 80, 128, 256])
+@pytest.mark.parametrize("paged", [False, True])
+def test_16_bit_tiles_at_every_head_size_class(d, paged):
+    """The 16-bit tile table at every padded width (16, 64, 128 with D = 80 padded, 256: 32-key tiles), 5 new
+    tokens at GQA 4 (20 rows: a 32-row tile), split in 3, pages of 16."""
+    cache = to_dev(make_cache(d + int(paged), batch=2, hkv=1, d=d, dtype=torch.float16, paged=paged, block_size=16,
+                              max_tokens=150))
+    q = torch.randn(2, 5, 4, d, device=DEVICE).half()
+    check(cache, q, new_tokens(cache["cache_seqlens"], 5), torch.float16, num_splits=3)

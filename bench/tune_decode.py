@@ -7,9 +7,10 @@ read by ``tile_configs.decode_config_for``; format in ``aspd_kernels/triton/tune
 Per row bucket (K = 1, 16, 64 new tokens at GQA 4: 16-, 64- and 128-row tiles) and cache kind (contiguous, paged
 with 16-slot pages), at N = 32k, Hq/Hkv 32/8, D = 128, bf16 (``--grid full`` adds D = 64): every (key tile, warps,
 stages) of the grid (quick: key tiles 64/128 x warps 4/8 x stages 4/5, and 2 warps; about 2 s a config with its
-compile, 9 configs and 4 split counts a bucket: about 2 minutes for the 6 buckets), each checked against the default tiles' output, then timed as CUDA-graph replays with L2
-emptied by reading before every replay (``bench.timing``, as ``bench.decode_probe``). The best beats the default
-by at least ``--min-gain`` or the bucket keeps the default (no entry). At the best tiles, split counts around FA3's
+compile, 9 configs and 4 split counts a bucket: about 2 minutes for the 6 buckets, an estimate), each checked
+against the default tiles' output, then timed as CUDA-graph replays with L2 emptied by reading before every replay
+(``bench.timing``, as ``bench.decode_probe``). The best beats the default by at least ``--min-gain`` or the
+bucket keeps the default (no entry). At the best tiles, split counts around FA3's
 rule are timed too (``split_probe`` in the entry: recorded for the next decision, not applied). The JSON and the
 JSONL rows are written after every bucket, so a run cut by ``--time-limit`` keeps what it measured.
 """

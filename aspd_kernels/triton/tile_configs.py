@@ -1,8 +1,7 @@
 """Tile tables of the attention kernels, per GPU architecture, and per device where a tuned table exists
 (``tuned_tiles``: ``tuned/<device>.json``, written by ``bench/tune_decode.py``; the tables here are the fallback).
-No autotuning: block skipping builds its tile lists
-with the block size the kernel uses, and one fixed table keeps CUDA-graph capture and torch.compile free of
-benchmarking runs.
+No autotuning: block skipping builds its tile lists with the block size the kernel uses, and one fixed table
+keeps CUDA-graph capture and torch.compile free of benchmarking runs.
 
 Every entry is compiled ahead of time in CI for the target it serves (``aot_specs.py``, ``.ci/aot_compile_triton.py``)
 with the JIT's alignment hints, and refused there if a fp16/bf16 kernel spills registers or any kernel needs more
@@ -116,8 +115,9 @@ def decode_config(rows: int, head_dim: int, dtype: torch.dtype, cap: int = HOPPE
     and 8 warps on sm_90 (132 KB, 197 registers on sm_80), where 32 keys moved 16 KB per iteration.
 
     Compiled 2026-11-25 (shared memory, stack): 64 rows x 128 with 4 warps spilled 8-24 B on sm_80 (triton 3.7)
-    and 16 B on sm_90 (triton 3.6, the GPU image's), hence 8 warps from 64 x 128 up; float32 tiles (4-byte K/V, IEEE dots) needed up to 205 KB and spilled 8 KB at
-    128 rows, hence 32 rows and 32 keys (16 at width 256), two stages."""
+    and 16 B on sm_90 (triton 3.6, the GPU image's), hence 8 warps from 64 x 128 up; float32 tiles (4-byte K/V,
+    IEEE dots) needed up to 205 KB and spilled 8 KB at 128 rows, hence 32 rows and 32 keys (16 at width 256), two
+    stages."""
     bd = block_d(head_dim)
     if dtype == torch.float32:
         return Config(min(max(16, triton.next_power_of_2(rows)), 32), 32 if bd <= 128 else 16, 4, 2)

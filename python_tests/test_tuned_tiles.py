@@ -116,3 +116,19 @@ def test_profiler_split_of_kernel_times():
     got = split_kernel_times([("_decode_kernel", 80.0), ("_merge_kernel", 8.0), ("reduce_kernel", 500.0),
                               ("decode_mma_kernel", 40.0), ("decode_merge_kernel", 4.0)], steps=4)
     assert got == {"decode_us": 30.0, "merge_us": 3.0}
+
+
+def test_summary_judges_the_bandwidth_rows(tmp_path):
+    from bench.gpu_summary import summarize
+
+    rows = [{"ceilings": {"copy_gbps": 4000.0}},
+            dict(status="ok", n=16384, K=1, backend="auto", resolved="triton", total_us=20.0, frac_copy=0.9,
+                 decode_us=17.0, merge_us=2.0),
+            dict(status="ok", n=16384, K=64, backend="auto", resolved="cuda", total_us=60.0, frac_copy=0.4),
+            dict(status="error", n=131072, K=4, backend="triton", reason="OutOfMemoryError: ...")]
+    (tmp_path / "decode-bandwidth.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "tune-sweep.jsonl").write_text(json.dumps(dict(op="decode", K=1, status="ok")) + "\n")
+    text = summarize(str(tmp_path))
+    assert "| 16384 | 1 | auto (triton) | 20.0 | 90% | 17.0 | 2.0 | met (85%) |" in text
+    assert "| 16384 | 64 | auto (cuda) | 60.0 | 40% | - | - | MISSED (50%) |" in text
+    assert "OutOfMemoryError" in text and "## decode" not in text  # the sweep's rows are not bench rows

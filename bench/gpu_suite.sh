@@ -30,8 +30,8 @@
 #           4. Llama-3-8B end to end on the quick grid (K = 1 and 8, 64-token branches, the mixed
 #              workload), rows written as they finish                                              <=  90 s
 #           5. the kernel tests of the files issue 21 changed, last, SIGINT at their limit             <= 100 s
-#         DRY=1 runs every step on the CPU (Triton interpreted, tiny shapes, no GPU refused): 5.5 minutes measured on
-#         a loaded 2-core machine
+#         DRY=1 runs every step on the CPU (Triton interpreted, tiny shapes, no GPU refused): 3.5 minutes measured
+#         on a shared 2-core machine
 #
 # Older single-purpose stages (each builds the extension first if it is not importable):
 #   build | test | sanitizer | prefill | backward | decode | small | e2e-1b | e2e-8b | e2e-qwen | train | key |

@@ -55,6 +55,7 @@ setup(
     version="0.1.0",
     description="Branch-masked attention kernels for parallel decoding inside one sequence (ASPD)",
     packages=find_packages(include=["aspd_kernels", "aspd_kernels.*", "bench", "bench.*"]),
+    package_data={"aspd_kernels.triton": ["tuned/*.json"]},  # per-device tuned tiles (bench/tune_decode.py)
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "tqdm", "safetensors"],  # numpy: the CPU decoding op's row plan
     extras_require={

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Compile every Triton kernel of ``aspd_kernels.triton`` ahead of time for real GPUs (sm_90 and sm_80), with no GPU,
-as the JIT would compile it there, and refuse the three defects a CPU run cannot see.
+as the JIT would compile it there, and refuse the four defects a CPU run cannot see.
 
 Each module of the package lists its kernels in ``AOT_SPECS``:
 ``[{"name": str, "fn": jitted kernel, "signature": {arg: "*fp16" | "*bf16" | "*i32" | "i32" | "fp32" ...},
 "constexprs": {arg: value}, "num_warps": int (optional), "num_stages": int (optional), "target": int (optional:
 compile for this capability only, when it is among --targets), "smem_capabilities": tuple (optional: hold shared
 memory to these GPUs' limits instead of the target's, e.g. (80, 89) for the sm_80 compile of a table entry that
-99 KB parts also run)}]``.
+99 KB parts also run), "overlap": bool (optional: every loop must keep at least one tile's async copies in flight
+at its top wait)}]``.
 Every compile carries the JIT's divisibility hints (aligned pointers and strides: ``triton_resources.jit_attrs``)
 and is checked by ``triton_resources.problems``: a TF32 dot on float32 operands, spills in a fp16/bf16 kernel,
-shared memory over the target's limit. Prints one line per (kernel, target) with registers, stack and shared
+shared memory over the target's limit, and for specs marked ``overlap`` a loop whose copies do not overlap
+compute (``triton_resources.loop_overlap``). Prints one line per (kernel, target) with registers, stack and shared
 memory, and exits non-zero on any failed compile or defect, when an argument has no type, or when no spec is found.
 ``--self-test`` instead compiles the deliberately broken kernels of ``broken_kernels.py`` and fails unless each
 check fires on its kernel and none on the clean one.
@@ -91,7 +93,10 @@ def compile_one(spec: dict, capability: int) -> tuple[bool, float, str, dict]:
         if not compiled.asm.get("cubin"):
             raise RuntimeError("no cubin produced")
         res = triton_resources.resources(compiled)
-        found = triton_resources.problems(compiled, spec["signature"], capability, spec.get("smem_capabilities"))
+        found = triton_resources.problems(compiled, spec["signature"], capability, spec.get("smem_capabilities"),
+                                          spec.get("overlap", False))
+        res["overlap"] = ",".join(f"{'-' if loop['wait'] is None else loop['wait']}/{loop['commits']}"
+                                  for loop in triton_resources.loop_overlap(compiled.asm["ttgir"]))
         if found:
             return False, time.perf_counter() - start, "\n".join(found), res
         return True, time.perf_counter() - start, "", res
@@ -123,7 +128,7 @@ def self_test(capability: int) -> int:
         said = error.splitlines()[-1] if error else "no problem"
         print(f"{'ok  ' if good else 'FAIL'} {spec['name']:<28} sm_{capability} expected "
               f"{expect or 'no problem'!r}: {said[:150]} {res}")
-    print(f"self-test: {'all three checks fire' if not failed else f'{failed} expectation(s) not met'}")
+    print(f"self-test: {'all four checks fire' if not failed else f'{failed} expectation(s) not met'}")
     return 1 if failed else 0
 
 
@@ -158,12 +163,13 @@ def main() -> int:
         results = [_job(w) for w in work]
 
     width = max(len(s["name"]) + len(m) + 1 for m, s in _SPECS)
-    print(f"{'kernel':<{width}}  target  ok    seconds  regs  stack  shared")
+    print(f"{'kernel':<{width}}  target  ok    seconds  regs  stack  shared  wait/commits per loop")
     failures = []
     for index, cap, ok, seconds, error, res in sorted(results, key=lambda r: (r[0], -r[1])):
         module, spec = _SPECS[index]
         print(f"{module + '.' + spec['name']:<{width}}  sm_{cap}   {'ok' if ok else 'FAIL':<5} {seconds:7.2f}  "
-              f"{res.get('regs', '-'):>4}  {res.get('stack', '-'):>5}  {res.get('shared', '-'):>6}")
+              f"{res.get('regs', '-'):>4}  {res.get('stack', '-'):>5}  {res.get('shared', '-'):>6}  "
+              f"{res.get('overlap') or '-'}{' (asserted)' if spec.get('overlap') else ''}")
         if not ok:
             failures.append((f"{module}.{spec['name']} sm_{cap}", error))
     for what, error in failures:

@@ -172,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in report.load([args.resume]):
             if r.get("case") and not (r["status"] == "skipped" and str(r["reason"]).startswith("--time-limit")):
                 done.setdefault((r["op"], r["case"]), []).append(r)
+    partial = prefix + ".partial.jsonl"  # rows as measured, for ops that stream (e2e); absent when none does
+    if os.path.exists(partial):
+        os.remove(partial)
+
+    def stream(r: dict) -> None:
+        with open(partial, "a") as pf:
+            pf.write(json.dumps(r) + "\n")
+
+    ctx.stream = stream
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -232,6 +232,9 @@ def run_case(ctx: Context, case: E2ECase) -> list[dict]:
         s["e2e"] = {"tokens_per_s": tokens / (serial_ms * 1e-3), "generated_tokens": tokens,
                     "forward_passes": serial_passes, "serial_runs": serial_runs}
         rows.extend([r, s])
+        if ctx.stream is not None:  # the 8B grid takes minutes: each finished pair is kept at once
+            ctx.stream(r)
+            ctx.stream(s)
         return r
 
     def parallel(k, length, **kw):

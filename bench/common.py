@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,9 @@ class Context:
     mask_cap_bytes: int  # dense N x N baselines are skipped above this
     torch_backend_max_tokens: int  # the tiled torch backend syncs per tile: too slow beyond this on a GPU
     env: dict = field(default_factory=dict)
+    # called with each row as soon as an op measures it (``python -m bench`` writes them to ``<prefix>.partial.jsonl``
+    # and flushes), so a run killed inside a long case keeps its finished rows; None: rows are only returned
+    stream: Callable[[dict], None] | None = None
 
     @property
     def cuda(self) -> bool:

@@ -21,6 +21,17 @@
 #         occupancy-based CUDA splits changed since the first run), the split probe with the new auto choices
 #         (decides issue 12 item 7: serial decoding to Triton, or a keys-across-warps CUDA kernel) and Llama-3-8B
 #         end to end
+# bandwidth  issue 21's call, <= 10 minutes of wall time by design (550 s of limits, 595 s if every kill waits) (per-step limits below; every step writes its
+#         results as it goes and copies them into $OUT when it ends, so a cut call still returns them):
+#           1. ceilings (copy, read, matmul), then decode through auto and through Triton, decode and merge timed
+#              apart (profiler), K in {1, 4, 16, 64} x N in {16k, 64k, 128k} (bench.decode_bandwidth)   <=  80 s
+#           2. the tile sweep, writing aspd_kernels/triton/tuned/<device>.json (bench.tune_decode)     <= 160 s
+#           3. prefill at N=8k, K=16 beside FlexAttention (with and without its block-mask build)      <=  90 s
+#           4. Llama-3-8B end to end on the quick grid (K = 1 and 8, 64-token branches, the mixed
+#              workload), rows written as they finish                                              <=  90 s
+#           5. the kernel tests of the files issue 21 changed, last, SIGINT at their limit             <= 100 s
+#         DRY=1 runs every step on the CPU (Triton interpreted, tiny shapes, no GPU refused): 3.5 minutes measured
+#         on a shared 2-core machine
 #
 # Older single-purpose stages (each builds the extension first if it is not importable):
 #   build | test | sanitizer | prefill | backward | decode | small | e2e-1b | e2e-8b | e2e-qwen | train | key |
@@ -32,7 +43,7 @@
 # TIME_LIMIT (seconds, default 450) for the older bench stages, RESUME=path/to/earlier.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -n "${OUT:-}" ]; then RES=$(mktemp -d /tmp/gpu_suite.XXXXXX); else RES=bench/results/gpu-run; fi
+if [ -n "${OUT:-}" ] || [ "${DRY:-0}" = 1 ]; then RES=$(mktemp -d /tmp/gpu_suite.XXXXXX); else RES=bench/results/gpu-run; fi
 mkdir -p "$RES"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
@@ -210,6 +221,61 @@ verify() {  # the third call of the first lent session: the tests that failed or
   summary >/dev/null
 }
 
+keep() {  # keep FILE...: copy finished results into $OUT now (a call cut at its limit still returns them)
+  [ -n "${OUT:-}" ] || return 0
+  local f; for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+}
+
+step_run() {  # step_run NAME LIMIT_S CMD...: one step under its limit (SIGINT first), logged, failures counted
+  local name=$1 limit=$2; shift 2
+  log "$name: $* (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout -s INT -k "${KILL_AFTER:-5}" "$limit" "$@" >"$RES/$name.log" 2>&1
+  local rc=$?
+  tail -"${TAIL:-14}" "$RES/$name.log" | tee -a "$RES/suite.log"
+  log "$name: exit $rc in $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ' (time limit: interrupted)')"
+  [ $rc -eq 0 ] || status=1
+  keep "$RES/suite.log"
+}
+
+bandwidth() {  # issue 21: is decode at the bandwidth limit, which tiles, and does prefill / end to end hold up
+  local dry=() slug
+  if [ "${DRY:-0}" = 1 ]; then dry=(--dry); export TRITON_INTERPRET=1; else build; fi
+  slug=$("$PY" -c "import torch; from aspd_kernels.triton.tuned_tiles import device_slug
+print(device_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else 'cpu-dry')")
+  step_run decode-bandwidth 80 "$PY" -m bench.decode_bandwidth "${dry[@]}" --time-limit 65 \
+    --out "$RES/decode-bandwidth.jsonl"
+  keep "$RES/decode-bandwidth.jsonl"
+  # the sweep writes the table into the tree (commit it from $OUT) and its timings beside it
+  step_run tune 160 "$PY" -m bench.tune_decode "${dry[@]}" --time-limit 140 --out-json "$RES/$slug.json" \
+    --results "$RES/tune-sweep.jsonl"
+  keep "$RES/$slug.json" "$RES/tune-sweep.jsonl"
+  if [ "${DRY:-0}" = 1 ]; then
+    step_run prefill 90 "$PY" -m bench --out "$RES" --tag prefill --ops branch_attention --time-limit 60 \
+      --cases "N=256 K=4 interleaved"
+    step_run e2e-8b 90 "$PY" -m bench --out "$RES" --tag e2e --ops e2e --time-limit 70
+  else
+    step_run prefill 90 "$PY" -m bench --out "$RES" --tag prefill --time-limit 50 --ops branch_attention \
+      --cases "$KEY_PREFILL"
+    step_run e2e-8b 90 "$PY" -m bench --out "$RES" --tag e2e-8b --quick --time-limit 70 --ops e2e \
+      --models llama-3-8b
+  fi
+  keep "$RES"/*-e2e*.partial.jsonl
+  KERNEL_TESTS=(python_tests/test_triton_decode_pipeline.py python_tests/test_triton_decode.py
+                python_tests/test_triton_branch_attention.py python_tests/test_tuned_tiles.py
+                python_tests/test_triton_head_sizes.py python_tests/test_capturable.py)
+  if [ "${DRY:-0}" = 1 ]; then  # the same files, stopped at a short limit as on the GPU (SIGINT: failures listed)
+    KILL_AFTER=20 step_run tests 60 "$PY" -m pytest python_tests/test_triton_decode_pipeline.py -q -p no:cacheprovider
+  else
+    kernel_tests bandwidth 100
+    keep "$RES/tests-bandwidth.log"
+  fi
+  summary >/dev/null 2>&1
+  keep "$RES/summary.md" "$RES/suite.log"
+}
+# $OUT of the bandwidth stage (8 files at most): suite.log, decode-bandwidth.jsonl, <device>.json,
+# tune-sweep.jsonl, the e2e partial rows, tests-bandwidth.log, summary.md and the .tgz of everything
+
 second() {  # the next lent session: re-judge the kernels after the CPU-side changes, then the decisions NOTES.md lists
   build
   kernel_tests second 170
@@ -224,13 +290,15 @@ second() {  # the next lent session: re-judge the kernels after the CPU-side cha
 [ $# -ge 1 ] || { sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >>"$RES/suite.log" 2>&1
 for stage in "$@"; do
-  [ "$stage" = report ] || require_gpu  # every stage but the report needs the GPU: refuse at once without one
+  # every stage but the report (and a DRY=1 bandwidth stage) needs the GPU: refuse at once without one
+  [ "$stage" = report ] || { [ "$stage" = bandwidth ] && [ "${DRY:-0}" = 1 ]; } || require_gpu
   case "$stage" in
     build) build ;;
     test) build; run_tests ;;
     sanitizer) build; SAN_MEM_LIMIT=240; SAN_RACE_LIMIT=180; SAN_RACE_FILTER=""; sanitizer_bg; sanitizer_wait ;;
     first) first ;;
     second) second ;;
+    bandwidth) bandwidth ;;
     diagnose) diagnose ;;
     verify) verify ;;
     prefill) build; bench prefill --ops branch_attention ;;
@@ -255,6 +323,6 @@ log "done: $* (exit $status)"
 if [ -n "${OUT:-}" ]; then  # the device tool returns at most 8 files: the summary, the log, the tables, one .tgz
   tar czf "$OUT/gpu-$(echo "$*" | tr ' ' '-').tgz" -C "$RES" .
   cp "$RES/suite.log" "$OUT/"
-  ls "$RES"/*.md 2>/dev/null | head -5 | xargs -r cp -t "$OUT/"
+  [[ " $* " == *" bandwidth "* ]] || ls "$RES"/*.md 2>/dev/null | head -5 | xargs -r cp -t "$OUT/"
 fi
 exit $status

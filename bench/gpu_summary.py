@@ -110,9 +110,31 @@ def _targets(decode: list[dict], prefill: list[dict]) -> list[str]:
     return out
 
 
+def _bandwidth_lines(folder: str) -> list[str]:
+    """``bench.decode_bandwidth``'s rows (decode-bandwidth.jsonl) against issue 21's targets: 85% of the measured
+    copy bandwidth for K <= 16, 50% for K = 64."""
+    path = os.path.join(folder, "decode-bandwidth.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = load([path])
+    out = ["", "## Decode against the copy ceiling (bench.decode_bandwidth)", "",
+           "| N | K | backend | us | % copy | decode us | merge us | target |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows[1:]:
+        if r.get("status") != "ok":
+            out.append(f"| {r.get('n')} | {r.get('K')} | {r.get('backend')} | {r.get('reason', '?')[:60]} |||||")
+            continue
+        want = 0.5 if r["K"] >= 64 else 0.85
+        parts = (r["n"], r["K"], f"{r['backend']} ({r['resolved']})", f"{r['total_us']:.1f}",
+                 f"{100 * r['frac_copy']:.0f}%", _fmt(r.get("decode_us"), ".1f"), _fmt(r.get("merge_us"), ".1f"),
+                 f"{'met' if r['frac_copy'] >= want else 'MISSED'} ({100 * want:.0f}%)")
+        out.append("| " + " | ".join(str(x) for x in parts) + " |")
+    return out
+
+
 def summarize(folder: str) -> str:
-    paths = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
-    rows = [r for r in (load(paths) if paths else []) if "op" in r]  # bench rows only (not decode_probe's)
+    # bench rows only (schema 1): not decode_probe's, the sweep's or the partial files that repeat a run's rows
+    paths = sorted(p for p in glob.glob(os.path.join(folder, "*.jsonl")) if not p.endswith(".partial.jsonl"))
+    rows = [r for r in (load(paths) if paths else []) if r.get("schema") == 1 and "op" in r]
     lines = ["# GPU run summary", ""]
     env = next((r for r in rows if r.get("device")), {})
     smi = _last_line(os.path.join(folder, "suite.log"), r"(NVIDIA|H100|H200).*MiB")
@@ -130,6 +152,7 @@ def summarize(folder: str) -> str:
             by_op.setdefault(r["op"], []).append(r)
     for op, rs in by_op.items():
         lines += ["", f"## {op}", ""] + _case_table(rs)
+    lines += _bandwidth_lines(folder)
     lines += ["", "## Targets", ""] + (_targets(by_op.get("branch_attention_with_kvcache", []),
                                                 by_op.get("branch_attention", [])) or ["- no benchmark rows"])
     return "\n".join(lines)

@@ -125,12 +125,18 @@ def test_default_split_heuristic_depends_on_shapes_only():
     assert kernel.num_splits_for(64, 8, 4, 1 << 16, dev) == 1  # enough programs to fill the device
 
 
-@pytest.mark.parametrize("programs, best", [(8, 16), (16, 8)])
-def test_split_heuristic_picks_the_measured_best(programs, best):
-    """The split counts that ran fastest on an H100 (132 SMs) at N = 32k, Hkv = 8: K = 1 and 16 (one row tile per
-    KV head: 8 programs) and K = 64 (two row tiles: 16 programs); bench/results/*decode-probe*."""
-    assert kernel.splits_for(programs, 132, 32768) == best
-    assert kernel.splits_for(programs, 132, 1000) == 3  # short caches stay at >= _MIN_SPLIT_SLOTS per split
+@pytest.mark.parametrize("programs, capacity, want", [
+    (8, 32768, 15),    # K = 1 and 16 at Hkv = 8: 120 CTAs, 0.91 of a wave (16 splits were the H100 probe's best)
+    (16, 32768, 8),    # K = 64, 128-row tiles at Hkv = 8: 128 CTAs
+    (1, 32768, 57),    # one program: 64 is the cap; 55 and 56 split 512 tiles as 54 does (10 tiles each)
+    (8, 1000, 3),      # short caches stay at >= _MIN_SPLIT_SLOTS per split
+    (106, 32768, 1),   # 80% of the SMs already busy: no split
+    (100, 32768, 5),   # 0.76 of a wave unsplit; 5 splits fill 3.79 of 4 waves
+])
+def test_split_rule_is_fa3s(programs, capacity, want):
+    """FA3's num_splits_heuristic on 132 SMs (H100/H200): the fewest eligible splits within 0.85 of the best wave
+    efficiency."""
+    assert kernel.splits_for(programs, 132, capacity) == want
 
 
 @pytest.mark.parametrize("paged", [False, True])

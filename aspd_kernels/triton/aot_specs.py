@@ -6,17 +6,22 @@ Every dtype the ops accept (fp16, bf16, fp32), every class of padded head width 
 padding 48 lanes into 128), the decode tiles for 4, 64 and 256 query rows per KV head (serial decoding at GQA 4,
 16 and 64 branches: BLOCK_M 16, 64, 128), each from the tile table of the architecture it serves
 (``tile_configs``): compiled for sm_90 and sm_80, and for the 99 KB parts (sm_86/sm_89) the sm_80 compile of
-their own table entry is held to their shared-memory limit. Small kernels (tile lists, positions, rope) keep their
+their own table entry is held to their shared-memory limit; every entry of every committed tuned table
+(``tuned_tiles``) for its own capability. Small kernels (tile lists, positions, rope) keep their
 specs in their own modules.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .branch_attention import preprocess_rows
 from .branch_attention_backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .branch_attention_forward import fwd_kernel
-from .branch_attention_with_kvcache import _decode_kernel, _merge_kernel, merge_rows
+from .branch_attention_with_kvcache import _decode_kernel
+from . import tuned_tiles
+from .decode_merge import CHUNK_S, _merge_kernel, merge_warps
 from .tile_configs import (ADA, AMPERE, HOPPER, Config, block_d, bwd_configs, decode_config, dot_precision,
                            fwd_config)
 
@@ -39,7 +44,9 @@ def _targets(config_of) -> list[tuple[int, tuple[int, ...], Config]]:
 
 
 def _spec(name: str, fn, signature: dict, constexprs: dict, cfg: Config | None, target: int,
-          smem: tuple[int, ...]) -> dict:
+          smem: tuple[int, ...], overlap: bool = False) -> dict:
+    """One compile spec; ``overlap``: CI asserts that every loop keeps a tile's copies in flight at its top wait
+    (the 16-bit attention loops; float32 is the correctness path and runs 2 stages)."""
     if smem == (target,):
         tag = f"sm{target}"
     elif target in smem:
@@ -47,7 +54,7 @@ def _spec(name: str, fn, signature: dict, constexprs: dict, cfg: Config | None, 
     else:
         tag = f"sm{target}-as-" + "-".join(str(c) for c in smem)
     spec = dict(name=f"{name}_{tag}", fn=fn, signature=signature, constexprs=constexprs, target=target,
-                smem_capabilities=smem)
+                smem_capabilities=smem, overlap=overlap)
     if cfg is not None:
         spec.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return spec
@@ -74,15 +81,17 @@ def _prefill_specs(dt: str, d: int) -> list[dict]:
     pre_sig = {"OUT": ptr, "DOUT": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **strides("o", "do"), "stride_lh": I32,
                "total_q": I32}
     base = f"{dt}_d{d}"
+    pipelined = dt != "fp32"
     specs = []
     for target, smem, cfg in _targets(lambda cap: fwd_config(d, torch_dt, cap)):
         specs.append(_spec(f"prefill_fwd_{base}", fwd_kernel, fwd_sig,
-                           dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COUNT=False), cfg, target, smem))
+                           dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COUNT=False), cfg, target, smem,
+                           pipelined))
     for target, smem, (kc, qc) in _targets(lambda cap: bwd_configs(d, torch_dt, cap)):
         specs.append(_spec(f"prefill_bwd_dkdv_{base}", bwd_dkdv_kernel, dkdv_sig,
-                           dict(common, BLOCK_M=kc.block_m, BLOCK_N=kc.block_n), kc, target, smem))
+                           dict(common, BLOCK_M=kc.block_m, BLOCK_N=kc.block_n), kc, target, smem, pipelined))
         specs.append(_spec(f"prefill_bwd_dq_{base}", bwd_dq_kernel, dq_sig,
-                           dict(common, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n), qc, target, smem))
+                           dict(common, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n), qc, target, smem, pipelined))
     for target, smem in ((HOPPER, (HOPPER,)), (AMPERE, (AMPERE, ADA))):
         specs.append(_spec(f"prefill_bwd_preprocess_{base}", bwd_preprocess_kernel, pre_sig,
                            dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_T=preprocess_rows(bd), HAS_DLSE=True), None, target,
@@ -97,13 +106,18 @@ _MERGE_INTS = ("stride_ps stride_pb stride_pi stride_ph stride_ls stride_lb stri
                "stride_oh Lq Hq capacity num_splits").split()
 
 
+def _decode_signature(dt: str) -> dict:
+    sig = {name: "*i32" for name in ("SEG", "BR", "CACHE_SEQLENS", "Q_SEQLENS", "BLOCK_TABLE")}
+    sig.update({name: f"*{dt}" for name in ("Q", "K", "V", "OUT")})
+    sig.update(O_PART="*fp32", LSE_PART="*fp32", qk_scale=F32, **{name: I32 for name in _DECODE_INTS})
+    return sig
+
+
 def _decode_specs(dt: str, d: int) -> list[dict]:
     """Serial decoding contiguous and unsplit, 16 branches paged and split, 64 branches contiguous and split: both
     values of PAGED and SPLIT, every BLOCK_M the launcher picks at GQA 4."""
     bd = block_d(d)
-    sig = {name: "*i32" for name in ("SEG", "BR", "CACHE_SEQLENS", "Q_SEQLENS", "BLOCK_TABLE")}
-    sig.update({name: f"*{dt}" for name in ("Q", "K", "V", "OUT")})
-    sig.update(O_PART="*fp32", LSE_PART="*fp32", qk_scale=F32, **{name: I32 for name in _DECODE_INTS})
+    sig = _decode_signature(dt)
     specs = []
     for rows, paged, split in ((4, False, False), (64, True, True), (256, False, True)):
         for target, smem, cfg in _targets(lambda cap: decode_config(rows, d, DTYPES[dt], cap)):
@@ -111,12 +125,35 @@ def _decode_specs(dt: str, d: int) -> list[dict]:
                 f"decode_{dt}_d{d}_rows{rows}{'_paged' if paged else ''}{'_split' if split else ''}", _decode_kernel,
                 sig, dict(G=4, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
                           SPLIT=split, CAST_F32=dt == "fp32", DOT_PRECISION=dot_precision(DTYPES[dt])),
-                cfg, target, smem))
+                cfg, target, smem, overlap=dt != "fp32"))
     merge_sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dt}", "CACHE_SEQLENS": "*i32",
                  "Q_SEQLENS": "*i32", **{name: I32 for name in _MERGE_INTS}}
     for target, smem in ((HOPPER, (HOPPER,)), (AMPERE, (AMPERE, ADA))):
-        specs.append(_spec(f"decode_merge_{dt}_d{d}", _merge_kernel, merge_sig,
-                           dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_R=merge_rows(d)), None, target, smem))
+        for chunk in (16, CHUNK_S):  # the common chunk at one wave of splits, and the largest
+            spec = _spec(f"decode_merge_{dt}_d{d}_s{chunk}", _merge_kernel, merge_sig,
+                         dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_S=chunk), None, target, smem)
+            specs.append(dict(spec, num_warps=merge_warps(d)))
+    return specs
+
+
+def tuned_specs(tables=None) -> list[dict]:
+    """A decode spec for every entry of every committed tuned table (``tuned_tiles``), compiled for the table's
+    capability (sm_80 for 80/86/89, held to that part's shared memory; sm_90 for 90 and up) with the overlap check:
+    a sweep cannot commit tiles that spill, overflow shared memory or stop the copies overlapping compute."""
+    specs = []
+    for path, table in (tuned_tiles.committed_tables() if tables is None else tables):
+        cap = table["capability"]
+        target = HOPPER if cap >= HOPPER else AMPERE
+        slug = os.path.basename(path)[: -len(".json")]
+        for e in table["entries"]:
+            dt, bd = e["dtype"], e["block_d"]
+            cfg = Config(e["block_m"], e["block_n"], e["num_warps"], e["num_stages"])
+            specs.append(_spec(
+                f"tuned_{slug}_decode_{dt}_d{bd}_m{cfg.block_m}{'_paged' if e['paged'] else ''}", _decode_kernel,
+                _decode_signature(dt), dict(G=4, HEAD_DIM=bd, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                            PAGED=e["paged"], SPLIT=True, CAST_F32=False,
+                                            DOT_PRECISION=dot_precision(DTYPES[dt])),
+                cfg, target, (cap,), overlap=True))
     return specs
 
 
@@ -125,7 +162,7 @@ def _aot_specs() -> list[dict]:
     for dt in DTYPES:
         for d in HEAD_SIZES:
             specs += _prefill_specs(dt, d) + _decode_specs(dt, d)
-    return specs
+    return specs + tuned_specs()
 
 
 AOT_SPECS = _aot_specs()

@@ -53,8 +53,12 @@ def _dkdv_tiles(dk, dv, k, v, k_slot, k_seg, k_br, Q, DOUT, LSE, DELTA, SEG, BR,
                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK/dV of one key tile from the ``count`` query tiles listed at ``LIST + i * STEP``, times the ``GROUP``
     query heads that share its KV head (one flat loop, so every iteration is a plain load-and-compute step)."""
+    # the query tile index is fetched one iteration ahead (loop-carried), as in the forward's ``_fwd_tiles``: the
+    # q/dO addresses then never wait on a load of their own iteration, so 3 or more stages can overlap them
+    nxt = tl.load(LIST, mask=count > 0, other=0)
     for i in range(0, count * GROUP):
-        rows = tl.load(LIST + (i // GROUP) * STEP) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = nxt * BLOCK_M + tl.arange(0, BLOCK_M)
+        nxt = tl.load(LIST + ((i + 1) // GROUP) * STEP, mask=i + 1 < count * GROUP, other=0)
         h = hk * GROUP + i % GROUP
         row_ok = rows < len_q
         qd_ok = row_ok[:, None] & d_ok[None, :]
@@ -132,8 +136,10 @@ def _dq_tiles(dq, q, do, lse, delta, q_slot, q_seg, q_br, K, V, SEG, BR, k_start
               DOT_PRECISION: tl.constexpr):
     """dQ of one query tile (unscaled) from the ``count`` key tiles listed at ``LIST + i * STEP``."""
     cols = tl.arange(0, BLOCK_N)
+    nxt = tl.load(LIST, mask=count > 0, other=0)  # one iteration ahead, as in ``_fwd_tiles``
     for i in range(0, count):
-        k_slot = tl.load(LIST + i * STEP) * BLOCK_N + cols
+        k_slot = nxt * BLOCK_N + cols
+        nxt = tl.load(LIST + (i + 1) * STEP, mask=i + 1 < count, other=0)
         kv_ok = (k_slot < len_k)[:, None] & d_ok[None, :]
         k = tl.load(K + (k_start + k_slot)[:, None] * stride_kt + k_head + dims[None, :], kv_ok, 0.0)
         v = tl.load(V + (k_start + k_slot)[:, None] * stride_vt + v_head + dims[None, :], kv_ok, 0.0)

@@ -38,8 +38,13 @@ def _fwd_tiles(acc, m_i, l_i, q, q_slot, q_seg, q_br, K, V, SEG, BR, k_start, le
     """Online-softmax update of one query tile by the ``count`` key tiles listed at ``LIST + i * STEP``. ``MASKED``
     evaluates the mask per element; otherwise every pair of these tiles is visible (``tile_class``)."""
     cols = tl.arange(0, BLOCK_N)
+    # the tile index is fetched one iteration ahead, as a loop-carried value: loaded in the same iteration, it made
+    # the K/V addresses wait on it and the wait at the loop top drained every copy (compiled for sm_90 and sm_80:
+    # an async wait of 0 at any stage count); carried, the copies of the next tiles are in flight during compute
+    nxt = tl.load(LIST, mask=count > 0, other=0)
     for i in range(0, count):
-        k_slot = tl.load(LIST + i * STEP) * BLOCK_N + cols
+        k_slot = nxt * BLOCK_N + cols
+        nxt = tl.load(LIST + (i + 1) * STEP, mask=i + 1 < count, other=0)
         kv_ok = (k_slot < len_k)[:, None] & d_ok[None, :]
         k = tl.load(K + (k_start + k_slot)[:, None] * stride_kt + k_head + dims[None, :], kv_ok, 0.0)
         v = tl.load(V + (k_start + k_slot)[:, None] * stride_vt + v_head + dims[None, :], kv_ok, 0.0)

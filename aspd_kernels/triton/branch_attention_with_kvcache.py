@@ -9,9 +9,12 @@ with one. Rows beyond ``BLOCK_M`` (a prefill chunk) tile over the grid's first a
 Per KV tile (``BLOCK_N`` slots): ``s = q k^T``, the mask ``k <= q and (seg[k] != seg[q] or br[k] == br[q])`` from
 the ids of the tile and of the query slots (the new tokens are already in the cache, so their ids are read there),
 then the online softmax of FlashAttention-2 in base 2. With one split the program writes ``out``; with several, each
-writes its partial output and log-sum-exp and ``_merge_kernel`` combines them (LSE merge).
+writes its partial output and log-sum-exp and ``decode_merge._merge_kernel`` combines them (LSE merge, one
+program per row, every split loaded at once).
 
-Paged caches translate each slot through ``block_table`` per token (any ``block_size``). Lengths are clamped to the
+Paged caches translate each slot through ``block_table`` per token (any ``block_size``), the block ids of tile
+``j + 1`` loaded during tile ``j`` so that the pipelined K/V copies never wait on a table read of their own
+iteration (``.ci/aot_compile_triton.py`` asserts the overlap for both cache kinds). Lengths are clamped to the
 capacity and block ids to ``[0, num_blocks)``, so unchecked inputs cannot read out of bounds. The number of splits
 depends only on shapes and the device (never on ``cache_seqlens``), so a step is CUDA-graph capturable.
 """
@@ -24,12 +27,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .tile_configs import block_d, capability, decode_config, dot_precision
+from .decode_merge import _merge_kernel, merge_launch
+from .tile_configs import Config, block_d, decode_config_for, dot_precision
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _MIN_SPLIT_SLOTS = 256  # a split shorter than this costs more in merging than it gains in parallelism
-_MAX_SPLITS = 64
-_MERGE_ROWS = 32  # (token, head) rows merged per program: 32 x D floats of accumulator
+_MAX_SPLITS = 64  # the merge loads every split of a row at once up to this many (decode_merge.CHUNK_S)
+_WAVE_EFFICIENCY = 0.85  # FA3's rule: the fewest splits within this fraction of the best wave efficiency
+
+
+@triton.jit
+def _block_ids(TABLE, slot, hi, block_size, num_blocks):
+    """int64 cache block of each ``slot`` (< ``hi``; others read block 0), clamped to ``[0, num_blocks)``."""
+    blk = tl.load(TABLE + slot // block_size, mask=slot < hi, other=0)
+    return tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
 
 
 # Lengths and counts vary from step to step and from pack to pack: specialising on their value (== 1, % 16) would
@@ -99,12 +110,20 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    table = BLOCK_TABLE + b64 * stride_bt
+    if PAGED:  # the first tile's block ids; each iteration then fetches the next tile's (see the loop)
+        blk_next = _block_ids(table, lo + cols, hi, block_size, num_blocks)
     for start in range(lo, hi, BLOCK_N):
-        slot = start + tl.arange(0, BLOCK_N)
+        slot = start + cols
         k_ok = slot < hi
         if PAGED:
-            blk = tl.load(BLOCK_TABLE + b64 * stride_bt + slot // block_size, mask=k_ok, other=0)
-            blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
+            # this tile's block ids came with the previous iteration, as a loop-carried value: the K/V addresses
+            # do not wait on a load of this iteration, so the pipeliner can issue their copies a tile or more
+            # ahead (with the ids loaded here, the copies of tile j+1 waited on tile j+1's table read and the wait
+            # at the loop top drained every copy: no overlap at all, compiled for sm_90 and sm_80)
+            blk = blk_next
+            blk_next = _block_ids(table, slot + BLOCK_N, hi, block_size, num_blocks)
             within = slot % block_size
             k_row = blk * stride_kb + within * stride_kn
             v_row = blk * stride_vb + within * stride_vn
@@ -152,50 +171,6 @@ def _decode_kernel(
         tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["Lq", "Hq", "capacity", "num_splits"])
-def _merge_kernel(
-    O_PART, LSE_PART, OUT, CACHE_SEQLENS, Q_SEQLENS,
-    stride_ps, stride_pb, stride_pi, stride_ph,
-    stride_ls, stride_lb, stride_li,
-    stride_ob, stride_oi, stride_oh,
-    Lq, Hq, capacity, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """``out = sum_s exp2(lse_s - m) o_s / sum_s exp2(lse_s - m)`` over the splits, for a block of (new token,
-    head) rows of one sequence; zero for padding rows and for rows that saw no key."""
-    b = tl.program_id(0)
-    b64 = b.to(tl.int64)
-    n = tl.minimum(tl.maximum(tl.load(CACHE_SEQLENS + b), 0), capacity)
-    lq = tl.minimum(tl.maximum(tl.load(Q_SEQLENS + b), 0), tl.minimum(Lq, n))
-    r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # int64: i * stride_oi may pass 2**31
-    i = r // Hq
-    h = r % Hq
-    live = i < lq
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    lse_row = LSE_PART + b64 * stride_lb + i * stride_li + h
-    o_row = O_PART + b64 * stride_pb + i[:, None] * stride_pi + h[:, None] * stride_ph + d[None, :]
-
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for s in range(0, num_splits):
-        m = tl.maximum(m, tl.load(lse_row + s * stride_ls, mask=live, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for s in range(0, num_splits):
-        w = tl.exp2(tl.load(lse_row + s * stride_ls, mask=live, other=float("-inf")) - m_safe)
-        den += w
-        acc += w[:, None] * tl.load(o_row + s * stride_ps, mask=live[:, None] & d_ok[None, :], other=0.0)
-    out = acc / tl.where(den > 0.0, den, 1.0)[:, None]
-    o_ptr = OUT + b64 * stride_ob + i[:, None] * stride_oi + h[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=(i < Lq)[:, None] & d_ok[None, :])
-
-
-def merge_rows(head_dim: int) -> int:
-    """(token, head) rows per merge program: ``_MERGE_ROWS`` x the padded width of float32 accumulator."""
-    return _MERGE_ROWS if block_d(head_dim) <= 128 else _MERGE_ROWS // 2
-
-
 def _cast_to_f32(dtype: torch.dtype) -> bool:
     """Multiply in float32 under the interpreter (it mishandles 16-bit arithmetic) and for float32 inputs;
     on a GPU, 16-bit tiles go to the tensor cores as they are, with float32 accumulation."""
@@ -209,40 +184,60 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def splits_for(programs: int, sms: int, capacity: int) -> int:
-    """KV splits for ``programs`` (sequence, KV head, row tile) programs on ``sms`` SMs: one wave of one program per
-    SM, none shorter than ``_MIN_SPLIT_SLOTS`` of capacity.
+def splits_for(programs: int, sms: int, capacity: int, block_n: int = 64) -> int:
+    """KV splits for ``programs`` (sequence, KV head, row tile) programs on ``sms`` SMs, by FlashAttention-3's rule
+    (``num_splits_heuristic``): the wave efficiency of ``s`` splits is ``w / ceil(w)`` with ``w = programs * s /
+    sms`` waves; take the fewest splits whose efficiency is within ``_WAVE_EFFICIENCY`` of the best over
+    ``1..max_splits``. ``max_splits`` is bounded by ``_MAX_SPLITS``, by ``sms``, by the key tiles of the capacity,
+    and by ``capacity // _MIN_SPLIT_SLOTS`` (a shorter split costs more in merging than it gains); a split count
+    whose splits round to the same tile count as one fewer is skipped (FA3's ``is_split_eligible``), and a grid
+    that already fills 80% of the SMs is not split.
 
-    Measured on an H100 (132 SMs; N = 32k, Hkv = 8, bf16; bench/results/2026-11-25-nvidia-h100-80gb-hbm3-*):
-    the best split counts were 16 (K = 1 and 16: 8 programs) and 8 (K = 64: 16 programs), i.e. SMs // programs;
-    the former "two waves" rule (33 and 17) cost 22% at K = 1 and 27% at K = 64, and a second partial wave costs
-    more than it gains.
+    At N = 32k, Hkv = 8 on 132 SMs: 15 splits at K = 1 and 16 (8 programs: 120 CTAs, efficiency 0.91 of one
+    wave), 8 at K = 64 with 128-row tiles (16 programs: 128 CTAs). The H100 probe of the former rule (SMs //
+    programs) measured 16 and 8 best among {8, 16, 32, 64, 128}
+    (bench/results/2026-11-25-nvidia-h100-80gb-hbm3-*); the parallel merge makes extra splits cheaper, which the
+    next GPU call's sweep re-measures (bench/tune_decode.py).
     """
-    wanted = max(1, sms // max(1, programs))
-    by_length = max(1, capacity // _MIN_SPLIT_SLOTS)
-    return max(1, min(wanted, by_length, _MAX_SPLITS))
+    programs = max(1, programs)
+    if programs >= 0.8 * sms:
+        return 1
+    tiles = max(1, -(-capacity // block_n))
+    max_splits = max(1, min(_MAX_SPLITS, sms, tiles, capacity // _MIN_SPLIT_SLOTS))
+
+    def efficiency(s: int) -> float:
+        waves = programs * s / sms
+        return waves / -(-waves // 1)
+
+    def eligible(s: int) -> bool:  # s splits of whole tiles differ from s - 1 splits
+        return s == 1 or -(-tiles // s) != -(-tiles // (s - 1))
+
+    best = max(efficiency(s) for s in range(1, max_splits + 1))
+    return next(s for s in range(1, max_splits + 1) if eligible(s) and efficiency(s) >= _WAVE_EFFICIENCY * best)
 
 
-def num_splits_for(batch: int, hkv: int, row_tiles: int, capacity: int, device: torch.device) -> int:
+def num_splits_for(batch: int, hkv: int, row_tiles: int, capacity: int, device: torch.device,
+                   block_n: int = 64) -> int:
     """``splits_for`` on ``device``. Uses shapes and the device only: the same value on every step of a captured
     graph."""
     if device.type == "cuda":
         sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index)
     else:
         sms = _sm_count(None)
-    return splits_for(batch * hkv * row_tiles, sms, capacity)
+    return splits_for(batch * hkv * row_tiles, sms, capacity, block_n)
 
 
 def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   cache_seqlens: torch.Tensor, segment: torch.Tensor, branch: torch.Tensor,
                                   q_seqlens: torch.Tensor, block_table: torch.Tensor | None, softmax_scale: float,
-                                  num_splits: int | None = None, *, out: torch.Tensor | None = None
-                                  ) -> torch.Tensor:
+                                  num_splits: int | None = None, *, out: torch.Tensor | None = None,
+                                  config: Config | None = None) -> torch.Tensor:
     """Backend entry point (see ``aspd_kernels._dispatch``): ``out [B, Lq, Hq, D]`` in q's dtype from
     ``q [B, Lq, Hq, D]``, ``k_cache, v_cache [B, Ncap, Hkv, D]`` (paged: ``[num_blocks, block_size, Hkv, D]``),
     ``cache_seqlens, q_seqlens int32 [B]``, ``segment, branch int32`` shaped as the cache's first two dimensions.
-    ``num_splits`` forces the split count (tests); ``out`` is an optional preallocated output (any strides, last
-    one 1), every element of which is written."""
+    ``num_splits`` forces the split count (tests, the sweep); ``out`` is an optional preallocated output (any
+    strides, last one 1), every element of which is written; ``config`` forces the tiles (the sweep; its
+    ``block_m`` must hold at least 16 rows)."""
     bsz, lq, hq, d = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
@@ -251,10 +246,10 @@ def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if out.numel() == 0:
         return out
-    cfg = decode_config(lq * g, d, q.dtype, capability(q.device))
+    cfg = config or decode_config_for(lq * g, d, q.dtype, q.device, paged)
     block_m, block_n = cfg.block_m, cfg.block_n
     row_tiles = triton.cdiv(lq * g, block_m)
-    splits = num_splits or num_splits_for(bsz, hkv, row_tiles, capacity, q.device)
+    splits = num_splits or num_splits_for(bsz, hkv, row_tiles, capacity, q.device, block_n)
     splits = max(1, min(int(splits), triton.cdiv(max(capacity, 1), block_n)))
     if splits > 1:
         o_part = torch.empty((splits, bsz, lq, hq, d), dtype=torch.float32, device=q.device)
@@ -280,13 +275,5 @@ def branch_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         num_stages=cfg.num_stages,
     )
     if splits > 1:
-        block_r = merge_rows(d)
-        _merge_kernel[(bsz, triton.cdiv(lq * hq, block_r))](
-            o_part, lse_part, out, cache_seqlens, q_seqlens,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
-            lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lq, hq, capacity, splits,
-            HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_R=block_r,
-        )
+        merge_launch(o_part, lse_part, out, cache_seqlens, q_seqlens, capacity, splits, kernel=_merge_kernel)
     return out

@@ -9,10 +9,7 @@ ASPD-format training data, and fine-tuning with ``attn_implementation="aspd"`` (
 - ``transform``   the transformation stage and its report (CLI);
 - ``judge``       an optional yes/no judge over a local causal LM;
 - ``finetune``    the CPU fine-tune (CLI).
-"""
-from .aspd_text import answer_ids, data_tokens, read_back
-from .structure import Item, Section, find_sections, render
-from .transform import Example, report, transform
 
-__all__ = ["Item", "Section", "Example", "find_sections", "render", "answer_ids", "data_tokens", "read_back",
-           "transform", "report"]
+The modules are imported one by one (``from aspd_kernels.data.transform import transform``): each CLI runs as
+``python -m aspd_kernels.data.<name>``.
+"""

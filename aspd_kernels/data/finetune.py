@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--train-layers", type=int, default=12)
     p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop (and save) after this much wall-clock")
+    p.add_argument("--max-serial", type=int, default=-1, help="keep at most this many serial examples (-1: all)")
+    p.add_argument("--parallel-weight", type=int, default=2, help="each parallel example appears this many times "
+                                                                   "per epoch (serial ones once)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -136,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = load_jsonl(args.data)
     examples = build_examples(tok, tokens, rows, args.max_len)
+    if args.max_serial >= 0:
+        serial = [e for e in examples if not e["parallel"]]
+        random.Random(args.seed).shuffle(serial)
+        examples = [e for e in examples if e["parallel"]] + serial[: args.max_serial]
     n_par = sum(e["parallel"] for e in examples)
     print(f"{len(examples)} examples ({n_par} parallel, {len(examples) - n_par} serial) of {len(rows)} rows; "
           f"training {sum(p.numel() for g in groups for p in g['params']) / 1e6:.1f}M parameters", flush=True)
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def batches():
         while True:
-            order = examples[:]
+            order = [e for e in examples for _ in range(args.parallel_weight if e["parallel"] else 1)]
             rng.shuffle(order)
             for grp in ah.group_by_tokens(order, args.row_tokens):
                 yield collate([{k: v for k, v in e.items() if k != "parallel"} for e in grp])
@@ -171,15 +179,18 @@ def main(argv: list[str] | None = None) -> int:
                               "s": time.perf_counter() - t0}) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
+            print(f"\nstopping at step {step}: --minutes {args.minutes} reached", flush=True)
+            break
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             save(model, tok, args.out)
             save_plot(losses, os.path.join(args.out, "loss.png"), f"fine-tune of {os.path.basename(path)}")
     bar.close()
     save(model, tok, args.out)
     save_plot(losses, os.path.join(args.out, "loss.png"),
-              f"{os.path.basename(path)}: {args.steps} steps of {args.row_tokens} tokens, "
+              f"{os.path.basename(path)}: {len(losses)} steps of <= {args.row_tokens} tokens, "
               f"top {args.train_layers or 'all'} layers")
-    print(f"{args.steps} steps in {time.perf_counter() - t0:.0f} s; loss {losses[0][1]:.3f} -> "
+    print(f"{len(losses)} steps in {time.perf_counter() - t0:.0f} s; loss {losses[0][1]:.3f} -> "
           f"{sum(v for _, v in losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10) -> {args.out}")
     return 0
 

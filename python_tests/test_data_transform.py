@@ -160,3 +160,21 @@ def test_a_looping_list_is_cut_before_the_first_repeat(tok):
     ex = transform(tok, 0, "p", loop)
     assert ex.trimmed and [len(s.items) for s in ex.sections] == [2]
     assert cut_repetition(LIST) == LIST
+
+
+def test_lm_judge_answers_with_a_causal_lm(tok):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aspd_kernels.data.judge import lm_judge
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg).eval()
+    sec = transform(tok, 0, "p", LIST).sections[0]
+    got = lm_judge(model, tok)(prompt="Give 3 tips.", section=sec)
+    assert isinstance(got, bool)
+    # a threshold no logit gap reaches refuses, one every gap passes accepts: the answer is the logit comparison
+    assert lm_judge(model, tok, threshold=1e9)("p", sec) is False
+    assert lm_judge(model, tok, threshold=-1e9)("p", sec) is True

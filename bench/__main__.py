@@ -10,6 +10,7 @@ committed results go to ``bench/results/`` only when asked (``--out bench/result
     python -m bench --ops branch_attention_with_kvcache --cases "N=32768 K=16 interleaved H=32/8 D=128"
     python -m bench --ops host                        # the host-path report (bench/host.py), CPU only
     python -m bench --ops vllm                        # parallel sections through vLLM (bench/bench_vllm.py), CPU
+    python -m bench --ops aspd-real                   # ASPD end to end on SmolLM2 (bench/bench_aspd_real.py), CPU
 
 Exit status 1 when any implementation failed (an ``error`` row); skipped implementations (not available here,
 over a memory cap) are listed with their reason and do not fail the run.
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench_vllm
 
         return bench_vllm.main(["--out", args.out])
+    if ops == ["aspd-real"]:  # the fine-tuned real model (minutes to an hour on a CPU): only when asked
+        from . import bench_aspd_real
+
+        return bench_aspd_real.main(["--out", args.out])
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         sys.exit(f"unknown op(s) {unknown}; choose from {list(OPS)}")

@@ -36,6 +36,22 @@ class SerialMode(Driver):
                                                        params.generator(self.device), logits_processor,
                                                        progress))])[0]
 
+    @torch.inference_mode()
+    def generate_serial_batch(self, prompt_ids: Sequence[Sequence[int] | Tensor], max_new_tokens: int,
+                              eos_token_id: int | Sequence[int] | None = None, temperature: float = 0.0,
+                              top_k: int | None = None, top_p: float | None = None, seed: int | None = None, *,
+                              logits_processor: LogitsProcessor | None = None,
+                              progress: Callable[[int], None] | None = None) -> list[DecodeResult]:
+        """:meth:`generate_serial` for several prompts at once (at most ``max_batch``), each in its own cache row,
+        advanced by shared forward passes; a request that ends sits the later rounds out."""
+        positive("max_new_tokens", max_new_tokens)
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        prompts = self._prompts("prompt_ids", prompt_ids)
+        stop, gen = stop_set(eos_token_id), params.generator(self.device)
+        reqs = self._requests(len(prompts), "same-sequential")
+        return self._drive([(r, self._serial_program(r, p, max_new_tokens, stop, params, gen, logits_processor,
+                                                     progress)) for r, p in zip(reqs, prompts)])
+
     def _serial_program(self, req: Request, prompt: list[int], n: int, stop: set[int], params: SamplingParams,
                         gen, processor, progress) -> Program:
         for t in prompt:

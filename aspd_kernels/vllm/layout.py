@@ -32,6 +32,11 @@ def _layout_of(extra_args: dict | None) -> dict | None:
     return None if not extra_args else extra_args.get(KEY)
 
 
+def has_layout(extra_args: dict | None) -> bool:
+    """Whether a request's ``extra_args`` carry a layout."""
+    return _layout_of(extra_args) is not None
+
+
 def request_ids(extra_args: dict | None, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Segment, branch (int32 ``[n]``) and positions (int64 ``[n]``, None = vLLM's own) of tokens
     ``start .. start+n-1`` of a request."""
@@ -55,6 +60,7 @@ class StepIds:
 
     seg: np.ndarray = np.zeros(0, np.int32)
     br: np.ndarray = np.zeros(0, np.int32)
+    has_layout: bool = False
 
 
 def _prepare_with_layout(runner, total: int) -> None:
@@ -63,6 +69,7 @@ def _prepare_with_layout(runner, total: int) -> None:
     batch = runner.input_batch
     seg = np.zeros(total, np.int32)
     br = np.zeros(total, np.int32)
+    has_layout = False
     qsl = runner.query_start_loc.cpu
     for i, rid in enumerate(batch.req_ids):
         a, e = int(qsl[i]), int(qsl[i + 1])
@@ -72,11 +79,12 @@ def _prepare_with_layout(runner, total: int) -> None:
         extra = state.sampling_params.extra_args if state.sampling_params is not None else None
         if _layout_of(extra) is None:
             continue
+        has_layout = True
         start = int(batch.num_computed_tokens_cpu[i])
         s, b, p = request_ids(extra, start, e - a)
         seg[a:e], br[a:e] = s, b
         runner.positions[a:e] = runner.positions.new_tensor(p)
-    StepIds.seg, StepIds.br = seg, br
+    StepIds.seg, StepIds.br, StepIds.has_layout = seg, br, has_layout
 
 
 def _patch_model_runner() -> None:

@@ -1,0 +1,125 @@
+"""What :class:`~aspd_kernels.vllm.engine.VllmDecoder` sends to vLLM: a *run* is one vLLM request over some slots
+of a decoder request (their tokens, with their segment, branch and rotary position as the layout), sampled,
+stopped and seeded by vLLM; a *job* is the runs a program needs at once (one per branch of a section, or the one
+serial run after it); :class:`Lazy` stands for the logits of rows the decoder asked for, computed only if a program
+really samples from them on the host (the fallback path), all rows of a round together.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..decoder.request import Request
+from ..decoder.sampling import SamplingParams
+from .layout import encode
+
+
+@dataclass
+class Run:
+    """One vLLM request over ``slots`` of ``req`` (in that order), up to ``max_tokens`` sampled tokens, stopped
+    after a token in ``stop`` (kept in the output); ``extra``: more ``extra_args`` (the grammar rule)."""
+
+    req: Request
+    slots: list[int]
+    max_tokens: int
+    stop: set[int]
+    extra: dict = field(default_factory=dict)
+    seed_key: int = 0
+
+    def prompt(self) -> tuple[list[int], dict[str, Any]]:
+        r, s = self.req, self.slots
+        extra = encode([r.seg[k] for k in s], [r.br[k] for k in s], [r.pos[k] for k in s])
+        return [r.tokens[k] for k in s], {**extra, **self.extra}
+
+
+@dataclass
+class Job:
+    """Runs a program yields to the driver, sampled under ``params``; it receives their sampled tokens, one list
+    per run."""
+
+    runs: list[Run]
+    params: SamplingParams
+
+
+def vllm_params(p: SamplingParams, run: Run, extra: dict, logprobs: int | None = None):
+    """vLLM's ``SamplingParams`` for ``run`` under the decoder's sampling ``p``. The seed of a seeded run is
+    derived from ``p.seed`` and the run's own key, so a call repeats itself and no two runs share a stream."""
+    from vllm import SamplingParams as VP
+    from vllm.sampling_params import RequestOutputKind
+
+    seed = None if p.seed is None else (p.seed * 1_000_003 + run.seed_key) % (1 << 62)
+    return VP(max_tokens=run.max_tokens, temperature=p.temperature, top_k=p.top_k or 0,
+              top_p=1.0 if p.top_p is None else p.top_p, seed=seed, stop_token_ids=sorted(run.stop),
+              ignore_eos=True, detokenize=False, skip_special_tokens=False, logprobs=logprobs,
+              output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra)
+
+
+class Round:
+    """The row asks of one driver round. ``compute(asks)`` returns each ask's logits (the engine's per-row
+    log-probs); it runs once, for every ask no program claimed, when the first :class:`Lazy` is read."""
+
+    def __init__(self, asks: list[tuple[Request, list[int]]],
+                 compute: Callable[[list[tuple[Request, list[int]]]], list[Tensor | None]]) -> None:
+        self.asks, self.compute = asks, compute
+        self.claimed: set[int] = set()
+        self.out: dict[int, Tensor | None] | None = None
+
+    def get(self, i: int) -> Tensor:
+        if i in self.claimed:
+            raise RuntimeError("these logits were claimed by an engine-sampled run")
+        if self.out is None:
+            todo = [k for k in range(len(self.asks)) if k not in self.claimed]
+            self.out = dict(zip(todo, self.compute([self.asks[k] for k in todo])))
+        return self.out[i]
+
+
+class Lazy:
+    """The logits ``[len(rows), V]`` of one ask of a :class:`Round`: :meth:`tensor` computes them (with the rest
+    of the round); :meth:`claim` says a run will sample these rows inside the engine instead."""
+
+    def __init__(self, round_: Round, i: int) -> None:
+        self.round, self.i = round_, i
+
+    def tensor(self) -> Tensor:
+        return self.round.get(self.i)
+
+    def claim(self) -> None:
+        self.round.claimed.add(self.i)
+
+
+async def generate(engine, run: Run, params: SamplingParams, request_id: str) -> list[int]:
+    """The tokens vLLM samples for ``run`` (a stop token included)."""
+    from vllm.inputs import TokensPrompt
+
+    tokens, extra = run.prompt()
+    final = None
+    async for out in engine.generate(TokensPrompt(prompt_token_ids=tokens), vllm_params(params, run, extra),
+                                     request_id=request_id):
+        final = out
+    return list(final.outputs[0].token_ids)
+
+
+async def row_logprobs(engine, req: Request, r: int, vocab: int, request_id: str, extra: dict) -> Tensor:
+    """The float32 log-probs ``[V]`` after slot ``r`` of ``req`` (every log-prob returned: the fallback path)."""
+    from vllm import SamplingParams as VP
+    from vllm.inputs import TokensPrompt
+
+    n = r + 1
+    sp = VP(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False,
+            extra_args={**extra, **encode(req.seg[:n], req.br[:n], req.pos[:n])})
+    final = None
+    async for out in engine.generate(TokensPrompt(prompt_token_ids=req.tokens[:n]), sp, request_id=request_id):
+        final = out
+    lp = final.outputs[0].logprobs[0]
+    row = torch.full((vocab,), float("-inf"), dtype=torch.float32)
+    row[torch.tensor(list(lp.keys()), dtype=torch.int64)] = torch.tensor([v.logprob for v in lp.values()],
+                                                                        dtype=torch.float32)
+    return row
+
+
+async def gather(coros) -> list:
+    return list(await asyncio.gather(*coros))

@@ -125,9 +125,10 @@ class VllmDecoder(EngineSampled):
         args = dict(model=model, skip_tokenizer_init=True, dtype=dtype, max_model_len=max_model_len,
                     block_size=block_size, enable_prefix_caching=True, max_logprobs=-1, async_scheduling=False,
                     gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
-        if not _grammar_installed():  # the entry point registers it; a source checkout passes it by name
-            args["logits_processors"] = [grammar.FQCN]
         args.update(engine_kwargs)
+        procs = list(args.get("logits_processors") or [])
+        if not _grammar_installed() and grammar.FQCN not in procs:  # else the entry point loads it
+            args["logits_processors"] = [grammar.FQCN, *procs]
         self.engine = self._loop.run(self._start(args), request_timeout_s)
 
     @staticmethod

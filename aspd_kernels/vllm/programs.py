@@ -29,7 +29,7 @@ from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
 from . import grammar as G
 from .replay import place_branches, place_serial
-from .runs import Job, Lazy, Round, Run, gather, generate, row_logprobs
+from .runs import Job, Lazy, Round, Run, gather, generate, row_logprobs, visible
 
 
 def _engine_samples(req: Request, processor) -> bool:
@@ -109,11 +109,9 @@ class EngineSampled(ParallelDecoder):
         if isinstance(logits, Lazy):
             logits.claim()
         cap = limit if budget is None else max(1, min(limit, budget[0]))
-        s = req.section
         runs = []
         for j, last in enumerate(rows, start=1):
-            slots = [k for k in range(last + 1) if req.seg[k] != s or req.br[k] == j]
-            runs.append(Run(req, slots, cap, set(stop), self._extra(G.ban(ban) if ban else {}),
+            runs.append(Run(req, visible(req, last), cap, set(stop), self._extra(G.ban(ban) if ban else {}),
                             seed_key=(req.row * 1_000_003 + last) * 64 + j))
         outs = yield Job(runs, params)
         return place_branches(req, outs, limit, stop, keep, close, budget, progress)

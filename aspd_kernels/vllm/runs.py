@@ -103,16 +103,23 @@ async def generate(engine, run: Run, params: SamplingParams, request_id: str) ->
     return list(final.outputs[0].token_ids)
 
 
+def visible(req: Request, r: int) -> list[int]:
+    """The slots slot ``r`` of ``req`` sees (SPEC section 2), in storage order, itself included: all a request
+    for its row needs (the branch mask would hide the rest)."""
+    s, b = req.seg[r], req.br[r]
+    return [k for k in range(r + 1) if req.seg[k] != s or req.br[k] == b]
+
+
 async def row_logprobs(engine, req: Request, r: int, vocab: int, request_id: str, extra: dict) -> Tensor:
-    """The float32 log-probs ``[V]`` after slot ``r`` of ``req`` (every log-prob returned: the fallback path)."""
+    """The float32 log-probs ``[V]`` after slot ``r`` of ``req``, every one returned (the host path): a request
+    over the slots ``r`` sees, ``max_tokens=1``."""
     from vllm import SamplingParams as VP
     from vllm.inputs import TokensPrompt
 
-    n = r + 1
-    sp = VP(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False,
-            extra_args={**extra, **encode(req.seg[:n], req.br[:n], req.pos[:n])})
+    tokens, lay = Run(req, visible(req, r), 1, set()).prompt()
+    sp = VP(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False, extra_args={**extra, **lay})
     final = None
-    async for out in engine.generate(TokensPrompt(prompt_token_ids=req.tokens[:n]), sp, request_id=request_id):
+    async for out in engine.generate(TokensPrompt(prompt_token_ids=tokens), sp, request_id=request_id):
         final = out
     lp = final.outputs[0].logprobs[0]
     row = torch.full((vocab,), float("-inf"), dtype=torch.float32)

@@ -20,6 +20,7 @@ from ..decoder.request import Request
 from ..tokens import AspdTokens
 from . import grammar
 from .programs import EngineSampled
+from .runs import Counters
 
 
 class _Loop:
@@ -118,6 +119,7 @@ class VllmDecoder(EngineSampled):
         self.check_values = False
         self.timeout = request_timeout_s
         self.extra_args = dict(extra_args or {})
+        self.counters = Counters()
         if tensor_parallel_size > 1:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _omp_bind(tensor_parallel_size))
         self._loop = _Loop()
@@ -212,7 +214,9 @@ class VllmDecoder(EngineSampled):
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(p)), sp,
                                                   request_id=f"plain-{next(self._ids)}"):
                 final = out
-            return list(final.outputs[0].token_ids)
+            toks = list(final.outputs[0].token_ids)
+            self.counters.add(final, len(p), len(toks))
+            return toks
 
         async def run() -> list[list[int]]:
             return list(await asyncio.gather(*(one(p) for p in prompts)))

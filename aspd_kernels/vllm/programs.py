@@ -29,7 +29,7 @@ from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
 from . import grammar as G
 from .replay import place_branches, place_serial
-from .runs import Job, Lazy, Round, Run, gather, generate, row_logprobs, visible
+from .runs import Counters, Job, Lazy, Round, Run, gather, generate, row_logprobs, visible
 
 
 def _engine_samples(req: Request, processor) -> bool:
@@ -50,7 +50,7 @@ class EngineSampled(ParallelDecoder):
 
     _ids = itertools.count()
     extra_args: dict = {}
-
+    counters: Counters  # the engine's per-request counts, summed (set per instance; replace it to count a call)
     def _extra(self, rule: dict) -> dict:
         return {**self.extra_args, **rule}
 
@@ -71,7 +71,7 @@ class EngineSampled(ParallelDecoder):
         if jobs:
             runs = [r for _, j in jobs for r in j.runs]
             params = [j.params for _, j in jobs for _ in j.runs]
-            toks = self._loop.run(gather(generate(self.engine, r, p, f"aspd-{next(self._ids)}")
+            toks = self._loop.run(gather(generate(self.engine, r, p, f"aspd-{next(self._ids)}", self.counters)
                                          for r, p in zip(runs, params)), self.timeout)
             k = 0
             for i, j in jobs:
@@ -86,7 +86,7 @@ class EngineSampled(ParallelDecoder):
 
         flat = [(req, r) for req, rows in asks for r in rows]
         got = self._loop.run(gather(row_logprobs(self.engine, req, r, self.vocab_size, f"row-{next(self._ids)}",
-                                                 self.extra_args)
+                                                 self.extra_args, self.counters)
                                     for req, r in flat), self.timeout)
         outs, k = [], 0
         for _, rows in asks:

@@ -58,6 +58,28 @@ def vllm_params(p: SamplingParams, run: Run, extra: dict, logprobs: int | None =
               output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra)
 
 
+@dataclass
+class Counters:
+    """What the engine reports per request, summed: requests, prompt tokens, prompt tokens served from the prefix
+    cache (``RequestOutput.num_cached_tokens``), sampled tokens. Tokens the engine computed = ``prompt_tokens -
+    cached_tokens + sampled_tokens - requests`` (each request's last sampled token is never fed)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    sampled_tokens: int = 0
+
+    def add(self, final, prompt_len: int, sampled: int) -> None:
+        self.requests += 1
+        self.prompt_tokens += prompt_len
+        self.cached_tokens += int(final.num_cached_tokens or 0)
+        self.sampled_tokens += sampled
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens + self.sampled_tokens - self.requests
+
+
 class Round:
     """The row asks of one driver round. ``compute(asks)`` returns each ask's logits (the engine's per-row
     log-probs); it runs once, for every ask no program claimed, when the first :class:`Lazy` is read."""
@@ -91,7 +113,8 @@ class Lazy:
         self.round.claimed.add(self.i)
 
 
-async def generate(engine, run: Run, params: SamplingParams, request_id: str) -> list[int]:
+async def generate(engine, run: Run, params: SamplingParams, request_id: str,
+                   counters: Counters) -> list[int]:
     """The tokens vLLM samples for ``run`` (a stop token included)."""
     from vllm.inputs import TokensPrompt
 
@@ -100,7 +123,9 @@ async def generate(engine, run: Run, params: SamplingParams, request_id: str) ->
     async for out in engine.generate(TokensPrompt(prompt_token_ids=tokens), vllm_params(params, run, extra),
                                      request_id=request_id):
         final = out
-    return list(final.outputs[0].token_ids)
+    toks = list(final.outputs[0].token_ids)
+    counters.add(final, len(tokens), len(toks))
+    return toks
 
 
 def visible(req: Request, r: int) -> list[int]:
@@ -110,7 +135,8 @@ def visible(req: Request, r: int) -> list[int]:
     return [k for k in range(r + 1) if req.seg[k] != s or req.br[k] == b]
 
 
-async def row_logprobs(engine, req: Request, r: int, vocab: int, request_id: str, extra: dict) -> Tensor:
+async def row_logprobs(engine, req: Request, r: int, vocab: int, request_id: str, extra: dict,
+                       counters: Counters) -> Tensor:
     """The float32 log-probs ``[V]`` after slot ``r`` of ``req``, every one returned (the host path): a request
     over the slots ``r`` sees, ``max_tokens=1``."""
     from vllm import SamplingParams as VP
@@ -121,6 +147,7 @@ async def row_logprobs(engine, req: Request, r: int, vocab: int, request_id: str
     final = None
     async for out in engine.generate(TokensPrompt(prompt_token_ids=tokens), sp, request_id=request_id):
         final = out
+    counters.add(final, len(tokens), 1)
     lp = final.outputs[0].logprobs[0]
     row = torch.full((vocab,), float("-inf"), dtype=torch.float32)
     row[torch.tensor(list(lp.keys()), dtype=torch.int64)] = torch.tensor([v.logprob for v in lp.values()],

@@ -3,14 +3,15 @@
 aspd_kernels.vllm.grammar:AspdGrammar``), so that a branch or a run of serial text is one vLLM request sampled by
 vLLM itself under the same masks as ``ParallelDecoder``'s :class:`~aspd_kernels.decoder.sampling.Grammar`.
 
-A request opts in through ``SamplingParams.extra_args["aspd_grammar"]``:
+A request opts in through one ``SamplingParams.extra_args`` key (flat int lists, so a server's ``vllm_xargs``
+carries them too):
 
-- ``{"ban": [ids]}``: those ids never (inside a branch: ``<|branch|>``, ``<|title|>``, ``<|/title|>``,
+- ``aspd_ban: [ids]``: those ids never (inside a branch: ``<|branch|>``, ``<|title|>``, ``<|/title|>``,
   ``<|para|>``, ``<|/para|>``);
-- ``{"serial": [branch, branch_end, title, title_end, para, para_end]}``: ASPD's serial-text rule, which depends
+- ``aspd_serial: [branch, branch_end, title, title_end, para, para_end]``: ASPD's serial-text rule, which depends
   on the last token and on whether a title is open, both read from the request's prompt and output so far.
 
-Requests without the key are untouched (the processor is argmax-invariant for them).
+Requests without either key are untouched.
 """
 from __future__ import annotations
 
@@ -23,19 +24,19 @@ from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 from ..decoder.sampling import Grammar
 from ..tokens import AspdTokens
 
-KEY = "aspd_grammar"
+BAN, SERIAL = "aspd_ban", "aspd_serial"
 FQCN = "aspd_kernels.vllm.grammar:AspdGrammar"
 
 
 def ban(ids) -> dict:
     """``extra_args`` entry: never sample ``ids``."""
-    return {KEY: {"ban": sorted({int(t) for t in ids})}}
+    return {BAN: sorted({int(t) for t in ids})}
 
 
 def serial(tokens: AspdTokens) -> dict:
     """``extra_args`` entry: ASPD's serial-text rule for the six tokens of ``tokens``."""
     t = tokens
-    return {KEY: {"serial": [t.branch, t.branch_end, t.title, t.title_end, t.para, t.para_end]}}
+    return {SERIAL: [t.branch, t.branch_end, t.title, t.title_end, t.para, t.para_end]}
 
 
 @lru_cache(maxsize=16)
@@ -60,32 +61,32 @@ class AspdGrammar(AdapterLogitsProcessor):
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
-        rule = (params.extra_args or {}).get(KEY)
-        if rule is None:
-            return
-        ok = isinstance(rule, dict) and len(rule) == 1 and (
-            (isinstance(rule.get("ban"), list) and all(isinstance(t, int) for t in rule["ban"]))
-            or (isinstance(rule.get("serial"), list) and len(rule["serial"]) == 6
-                and all(isinstance(t, int) for t in rule["serial"])))
-        if not ok:
-            raise ValueError(f"extra_args[{KEY!r}] must be {{'ban': [ids]}} or {{'serial': [six ids]}}, got {rule!r}")
+        extra = params.extra_args or {}
+        ban, serial = extra.get(BAN), extra.get(SERIAL)
+        if ban is not None and not (isinstance(ban, list) and all(isinstance(t, int) for t in ban)):
+            raise ValueError(f"extra_args[{BAN!r}] must be a list of token ids, got {ban!r}")
+        if serial is not None and not (isinstance(serial, list) and len(serial) == 6
+                                       and all(isinstance(t, int) for t in serial)):
+            raise ValueError(f"extra_args[{SERIAL!r}] must be the six ASPD token ids, got {serial!r}")
+        if ban is not None and serial is not None:
+            raise ValueError(f"extra_args: {BAN!r} and {SERIAL!r} are exclusive")
 
     def is_argmax_invariant(self) -> bool:
         return False
 
     def new_req_logits_processor(self, params: SamplingParams):
-        rule = (params.extra_args or {}).get(KEY)
-        if rule is None:
-            return None
-        if "ban" in rule:
-            ids = torch.tensor(rule["ban"], dtype=torch.long)
+        extra = params.extra_args or {}
+        if extra.get(BAN) is not None:
+            ids = torch.tensor(extra[BAN], dtype=torch.long)
 
             def apply_ban(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
                 logits[ids.to(logits.device)] = float("-inf")
                 return logits
 
             return apply_ban
-        six = tuple(rule["serial"])
+        if extra.get(SERIAL) is None:
+            return None
+        six = tuple(extra[SERIAL])
 
         def apply_serial(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
             g = _grammar(six, logits.shape[-1], str(logits.device))

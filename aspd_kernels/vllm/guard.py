@@ -14,7 +14,7 @@ import os
 
 from vllm.exceptions import VLLMValidationError
 
-from .layout import has_layout
+from .layout import has_layout, layout_of
 
 TESTED = "0.32."
 ANY_VERSION = "ASPD_VLLM_ANY_VERSION"  # set to 1 to try a vLLM the plugin was not tested with
@@ -73,12 +73,23 @@ def check(params, vllm_config) -> None:
         return
     why = refusal(vllm_config)
     if why:
-        raise LayoutRefused(f"this request carries an aspd layout (extra_args['aspd']), which this engine cannot "
+        raise LayoutRefused(f"this request carries an aspd layout (extra_args aspd_seg/aspd_br/aspd_pos), which "
+                            f"this engine cannot "
                             f"apply: {why}", parameter="extra_args")
 
 
+def check_length(request) -> None:
+    """A layout holds one entry per prompt token (``request``: the ``EngineCoreRequest`` vLLM built)."""
+    lay = layout_of(getattr(request.sampling_params, "extra_args", None))
+    n = len(request.prompt_token_ids or ())
+    if lay is not None and len(lay["seg"]) != n:
+        raise LayoutRefused(f"the request's aspd layout holds {len(lay['seg'])} entries for {n} prompt tokens",
+                            parameter="extra_args")
+
+
 def install() -> None:
-    """Run :func:`check` where vLLM validates each request's parameters (the front end, before the engine)."""
+    """Run :func:`check` where vLLM validates each request's parameters, and :func:`check_length` on the request
+    it builds (the front end, before the engine)."""
     from vllm.v1.engine.input_processor import InputProcessor
 
     orig = InputProcessor._validate_params
@@ -90,5 +101,13 @@ def install() -> None:
         check(params, self.vllm_config)
         return out
 
+    orig_process = InputProcessor.process_inputs
+
+    def process_inputs(self, *args, **kwargs):
+        request = orig_process(self, *args, **kwargs)
+        check_length(request)
+        return request
+
     _validate_params._aspd = True
     InputProcessor._validate_params = _validate_params
+    InputProcessor.process_inputs = process_inputs

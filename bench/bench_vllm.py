@@ -100,8 +100,9 @@ def _versions() -> str:
     import torch
     import vllm
 
+    commit = os.environ.get("BENCH_COMMIT")  # a run from an exported tree names the commit it was exported at
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = "?"

@@ -17,10 +17,12 @@ from torch import Tensor
 
 from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
+from ..decoder.sampling import SamplingParams
 from ..tokens import AspdTokens
 from . import grammar
 from .programs import EngineSampled
-from .runs import Counters
+from .runs import Counters, LocalClient, Run, gather
+from .server import HttpClient
 
 
 class _Loop:
@@ -72,12 +74,6 @@ async def _stop_output_handler(engine) -> None:
         await asyncio.gather(handler, return_exceptions=True)
 
 
-def _grammar_installed() -> bool:
-    from importlib.metadata import entry_points
-
-    return any(e.value.replace(" ", "") == grammar.FQCN for e in entry_points(group="vllm.logits_processors"))
-
-
 def _omp_bind(tp: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` CPU workers: the cores split in ``tp`` ranges ("0|1" on 2 cores);
     vLLM's default asks for one NUMA node per worker, which a small machine lacks."""
@@ -95,6 +91,9 @@ class VllmDecoder(EngineSampled):
     max_branches: the most branches one parallel section may have. max_batch: requests per ``*_batch`` call.
     request_timeout_s: a step that gets no answer within it raises ``TimeoutError`` instead of hanging.
     extra_args: merged into every request's ``SamplingParams.extra_args`` (for your own vLLM logits processors).
+    server: the URL of a running ``vllm serve`` of the same model (started with ``server.serve_args``, e.g. by
+    :class:`~aspd_kernels.vllm.server.VllmServer`) to send the requests to instead of starting an engine here;
+    ``max_model_len`` must then be the server's.
     engine_kwargs: passed to vLLM's ``AsyncEngineArgs`` (e.g. ``tensor_parallel_size=2``); async scheduling is
     off by default (the plugin refuses layouts under it).
     Construct it under ``if __name__ == "__main__":`` in scripts: vLLM spawns its engine processes.
@@ -103,7 +102,7 @@ class VllmDecoder(EngineSampled):
     def __init__(self, model: str, *, max_model_len: int = 2048, max_branches: int = 16, max_batch: int = 64,
                  dtype: str = "float32", block_size: int = 32, gpu_memory_utilization: float = 0.2,
                  tensor_parallel_size: int = 1, request_timeout_s: float = 600.0, extra_args: dict | None = None,
-                 **engine_kwargs: Any) -> None:
+                 server: str | None = None, **engine_kwargs: Any) -> None:
         if max_branches < 1:
             raise ValueError(f"max_branches must be >= 1, got {max_branches}")
         if max_model_len < 2:
@@ -124,14 +123,22 @@ class VllmDecoder(EngineSampled):
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _omp_bind(tensor_parallel_size))
         self._loop = _Loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_batch, thread_name_prefix="aspd-req")
+        self.engine = None
+        if server is not None:
+            if engine_kwargs:
+                raise ValueError(f"engine_kwargs {sorted(engine_kwargs)} configure a local engine; with server= "
+                                 "they belong on the server's command line")
+            self.client = HttpClient(server, request_timeout_s)
+            return
         args = dict(model=model, skip_tokenizer_init=True, dtype=dtype, max_model_len=max_model_len,
                     block_size=block_size, enable_prefix_caching=True, max_logprobs=-1, async_scheduling=False,
                     gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
         args.update(engine_kwargs)
         procs = list(args.get("logits_processors") or [])
-        if not _grammar_installed() and grammar.FQCN not in procs:  # else the entry point loads it
+        if not grammar.installed() and grammar.FQCN not in procs:  # else the entry point loads it
             args["logits_processors"] = [grammar.FQCN, *procs]
         self.engine = self._loop.run(self._start(args), request_timeout_s)
+        self.client = LocalClient(self.engine)
 
     @staticmethod
     async def _start(args: dict):
@@ -143,6 +150,12 @@ class VllmDecoder(EngineSampled):
     def close(self) -> None:
         """Shut the engine down (its processes exit) and stop the loop thread."""
         engine, self.engine = getattr(self, "engine", None), None
+        client, self.client = getattr(self, "client", None), None
+        if client is not None:
+            try:
+                self._loop.run(client.close(), 30)
+            except TimeoutError:
+                pass
         if engine is not None:
             try:
                 self._loop.run(_stop_output_handler(engine), 30)
@@ -204,26 +217,14 @@ class VllmDecoder(EngineSampled):
                      min_tokens: int = 0) -> list[list[int]]:
         """Plain vLLM decoding (no layout: causal, vLLM's positions), greedy, all prompts at once: the serial
         baseline and the backend's identity check. ``min_tokens`` keeps EOS from ending a request early."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        async def one(p: list[int]) -> list[int]:
-            sp = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, temperature=0.0, ignore_eos=True,
-                                detokenize=False)
-            final = None
-            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(p)), sp,
-                                                  request_id=f"plain-{next(self._ids)}"):
-                final = out
-            toks = list(final.outputs[0].token_ids)
-            self.counters.add(final, len(p), len(toks))
-            return toks
-
-        async def run() -> list[list[int]]:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
-
+        params = SamplingParams()  # greedy
+        runs = [Run(None, [], max_tokens, set(), plain=list(p), min_tokens=min_tokens) for p in prompts]
+        if self.client is None:
+            raise RuntimeError("the engine is closed")
         for i, p in enumerate(prompts):
             self._fits(f"prompts[{i}]", p)
-        return self._loop.run(run(), self.timeout)
+        return self._loop.run(gather(self.client.run(r, params, f"plain-{next(self._ids)}", self.counters)
+                                     for r in runs), self.timeout)
 
     # ------------------------------------------------------------------ async front end
     async def _in_thread(self, fn, *args, **kwargs):

@@ -28,6 +28,14 @@ BAN, SERIAL = "aspd_ban", "aspd_serial"
 FQCN = "aspd_kernels.vllm.grammar:AspdGrammar"
 
 
+def installed() -> bool:
+    """Whether the package's entry point registers the processor (an installed package; a bare source checkout
+    must pass :data:`FQCN` to the engine, which :class:`VllmDecoder` and ``server.serve_args`` do)."""
+    from importlib.metadata import entry_points
+
+    return any(e.value.replace(" ", "") == FQCN for e in entry_points(group="vllm.logits_processors"))
+
+
 def ban(ids) -> dict:
     """``extra_args`` entry: never sample ``ids``."""
     return {BAN: sorted({int(t) for t in ids})}

@@ -4,7 +4,8 @@ writes into its per-slot id cache) and the prefix cache's block hashes.
 
 A request carries its layout in ``SamplingParams.extra_args`` (the only per-request channel vLLM sends to every
 worker, tensor-parallel ranks included; a server's ``vllm_xargs``, which takes flat lists only) as three keys,
-``aspd_seg``, ``aspd_br``, ``aspd_pos``: one int per prompt token each. A request without it is plain causal text (segment 0, branch 0, positions 0, 1, 2, ...). Tokens past the
+``aspd_seg``, ``aspd_br``, ``aspd_pos``: one int per prompt token each. A request without them is plain causal
+text (segment 0, branch 0, positions 0, 1, 2, ...). Tokens past the
 layout (a request's own generated tokens) continue its last token: same segment and branch, position + 1.
 
 Nothing here imports vLLM at module level: the package imports without it, and :func:`install` patches it in the

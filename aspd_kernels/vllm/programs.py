@@ -29,7 +29,7 @@ from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
 from . import grammar as G
 from .replay import place_branches, place_serial
-from .runs import Counters, Job, Lazy, Round, Run, gather, generate, row_logprobs, visible
+from .runs import Counters, Job, Lazy, Round, Run, gather, visible
 
 
 def _engine_samples(req: Request, processor) -> bool:
@@ -46,7 +46,8 @@ def _banned(bias: Tensor | None) -> list[int] | None:
 
 
 class EngineSampled(ParallelDecoder):
-    """The hooks; the engine (``self.engine``, an ``AsyncLLM``), its loop and limits come from the subclass."""
+    """The hooks; the engine client (``self.client``: :class:`.runs.LocalClient` or :class:`.server.HttpClient`),
+    its loop and limits come from the subclass."""
 
     _ids = itertools.count()
     extra_args: dict = {}
@@ -58,7 +59,7 @@ class EngineSampled(ParallelDecoder):
     def _feed(self, asks: list[tuple[Request, object]]) -> list:
         """One round: every job (engine-sampled runs) of the round goes to the engine together; row asks get a
         :class:`Lazy` (computed only if a program samples them on the host)."""
-        if self.engine is None:
+        if self.client is None:
             raise RuntimeError("the engine is closed")
         out: list = [None] * len(asks)
         jobs = [(i, a[1]) for i, a in enumerate(asks) if isinstance(a[1], Job)]
@@ -71,7 +72,7 @@ class EngineSampled(ParallelDecoder):
         if jobs:
             runs = [r for _, j in jobs for r in j.runs]
             params = [j.params for _, j in jobs for _ in j.runs]
-            toks = self._loop.run(gather(generate(self.engine, r, p, f"aspd-{next(self._ids)}", self.counters)
+            toks = self._loop.run(gather(self.client.run(r, p, f"aspd-{next(self._ids)}", self.counters)
                                          for r, p in zip(runs, params)), self.timeout)
             k = 0
             for i, j in jobs:
@@ -85,8 +86,8 @@ class EngineSampled(ParallelDecoder):
         import torch
 
         flat = [(req, r) for req, rows in asks for r in rows]
-        got = self._loop.run(gather(row_logprobs(self.engine, req, r, self.vocab_size, f"row-{next(self._ids)}",
-                                                 self.extra_args, self.counters)
+        got = self._loop.run(gather(self.client.row(req, r, self.vocab_size, f"row-{next(self._ids)}",
+                                                    self.extra_args, self.counters)
                                     for req, r in flat), self.timeout)
         outs, k = [], 0
         for _, rows in asks:

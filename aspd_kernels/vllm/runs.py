@@ -21,16 +21,21 @@ from .layout import encode
 @dataclass
 class Run:
     """One vLLM request over ``slots`` of ``req`` (in that order), up to ``max_tokens`` sampled tokens, stopped
-    after a token in ``stop`` (kept in the output); ``extra``: more ``extra_args`` (the grammar rule)."""
+    after a token in ``stop`` (kept in the output); ``extra``: more ``extra_args`` (the grammar rule). With
+    ``plain`` (token ids) instead of a request: those tokens as plain text, no layout."""
 
-    req: Request
+    req: Request | None
     slots: list[int]
     max_tokens: int
     stop: set[int]
     extra: dict = field(default_factory=dict)
     seed_key: int = 0
+    plain: list[int] | None = None
+    min_tokens: int = 0
 
     def prompt(self) -> tuple[list[int], dict[str, Any]]:
+        if self.plain is not None:
+            return list(self.plain), dict(self.extra)
         r, s = self.req, self.slots
         extra = encode([r.seg[k] for k in s], [r.br[k] for k in s], [r.pos[k] for k in s])
         return [r.tokens[k] for k in s], {**extra, **self.extra}
@@ -52,7 +57,7 @@ def vllm_params(p: SamplingParams, run: Run, extra: dict, logprobs: int | None =
     from vllm.sampling_params import RequestOutputKind
 
     seed = None if p.seed is None else (p.seed * 1_000_003 + run.seed_key) % (1 << 62)
-    return VP(max_tokens=run.max_tokens, temperature=p.temperature, top_k=p.top_k or 0,
+    return VP(max_tokens=run.max_tokens, min_tokens=run.min_tokens, temperature=p.temperature, top_k=p.top_k or 0,
               top_p=1.0 if p.top_p is None else p.top_p, seed=seed, stop_token_ids=sorted(run.stop),
               ignore_eos=True, detokenize=False, skip_special_tokens=False, logprobs=logprobs,
               output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra)
@@ -113,21 +118,6 @@ class Lazy:
         self.round.claimed.add(self.i)
 
 
-async def generate(engine, run: Run, params: SamplingParams, request_id: str,
-                   counters: Counters) -> list[int]:
-    """The tokens vLLM samples for ``run`` (a stop token included)."""
-    from vllm.inputs import TokensPrompt
-
-    tokens, extra = run.prompt()
-    final = None
-    async for out in engine.generate(TokensPrompt(prompt_token_ids=tokens), vllm_params(params, run, extra),
-                                     request_id=request_id):
-        final = out
-    toks = list(final.outputs[0].token_ids)
-    counters.add(final, len(tokens), len(toks))
-    return toks
-
-
 def visible(req: Request, r: int) -> list[int]:
     """The slots slot ``r`` of ``req`` sees (SPEC section 2), in storage order, itself included: all a request
     for its row needs (the branch mask would hide the rest)."""
@@ -135,24 +125,47 @@ def visible(req: Request, r: int) -> list[int]:
     return [k for k in range(r + 1) if req.seg[k] != s or req.br[k] == b]
 
 
-async def row_logprobs(engine, req: Request, r: int, vocab: int, request_id: str, extra: dict,
-                       counters: Counters) -> Tensor:
-    """The float32 log-probs ``[V]`` after slot ``r`` of ``req``, every one returned (the host path): a request
-    over the slots ``r`` sees, ``max_tokens=1``."""
-    from vllm import SamplingParams as VP
-    from vllm.inputs import TokensPrompt
+class LocalClient:
+    """The decoder's engine calls on an in-process ``AsyncLLM`` (``engine``); :class:`.server.HttpClient` is the
+    same over HTTP."""
 
-    tokens, lay = Run(req, visible(req, r), 1, set()).prompt()
-    sp = VP(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False, extra_args={**extra, **lay})
-    final = None
-    async for out in engine.generate(TokensPrompt(prompt_token_ids=tokens), sp, request_id=request_id):
-        final = out
-    counters.add(final, len(tokens), 1)
-    lp = final.outputs[0].logprobs[0]
-    row = torch.full((vocab,), float("-inf"), dtype=torch.float32)
-    row[torch.tensor(list(lp.keys()), dtype=torch.int64)] = torch.tensor([v.logprob for v in lp.values()],
-                                                                        dtype=torch.float32)
-    return row
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    async def run(self, run: Run, params: SamplingParams, request_id: str, counters: Counters) -> list[int]:
+        """The tokens vLLM samples for ``run`` (a stop token included)."""
+        from vllm.inputs import TokensPrompt
+
+        tokens, extra = run.prompt()
+        final = None
+        sp = vllm_params(params, run, extra)
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=tokens), sp, request_id=request_id):
+            final = out
+        toks = list(final.outputs[0].token_ids)
+        counters.add(final, len(tokens), len(toks))
+        return toks
+
+    async def row(self, req: Request, r: int, vocab: int, request_id: str, extra: dict,
+                  counters: Counters) -> Tensor:
+        """The float32 log-probs ``[V]`` after slot ``r`` of ``req``, every one returned (the host path): a request
+        over the slots ``r`` sees, ``max_tokens=1``."""
+        from vllm import SamplingParams as VP
+        from vllm.inputs import TokensPrompt
+
+        tokens, lay = Run(req, visible(req, r), 1, set()).prompt()
+        sp = VP(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False, extra_args={**extra, **lay})
+        final = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=tokens), sp, request_id=request_id):
+            final = out
+        counters.add(final, len(tokens), 1)
+        lp = final.outputs[0].logprobs[0]
+        row = torch.full((vocab,), float("-inf"), dtype=torch.float32)
+        row[torch.tensor(list(lp.keys()), dtype=torch.int64)] = torch.tensor([v.logprob for v in lp.values()],
+                                                                            dtype=torch.float32)
+        return row
+
+    async def close(self) -> None:
+        pass
 
 
 async def gather(coros) -> list:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..decoder.request import Request
 from ..decoder.sampling import SamplingParams
+from . import grammar
 from .runs import Counters, Run, visible
 
 
@@ -37,16 +38,13 @@ def serve_args(model: str, port: int, *, dtype: str = "float32", max_model_len: 
     """``vllm serve``'s command line for the plugin: loopback, token ids only, prefix caching, no async scheduling
     (the plugin refuses layouts under it), every log-prob available, the model's generation defaults off (the
     decoder's stop rules are the caller's), the grammar processor when its entry point is not installed."""
-    from .engine import _grammar_installed
-    from .grammar import FQCN
-
     args = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
             "--port", str(port), "--skip-tokenizer-init", "--dtype", dtype, "--max-model-len", str(max_model_len),
             "--block-size", str(block_size), "--enable-prefix-caching", "--no-async-scheduling",
             "--max-logprobs", "-1", "--generation-config", "vllm", "--enable-prompt-tokens-details",
             "--served-model-name", "aspd"]
-    if not _grammar_installed():
-        args += ["--logits-processors", FQCN]
+    if not grammar.installed():
+        args += ["--logits-processors", grammar.FQCN]
     return args + list(extra)
 
 
@@ -122,7 +120,8 @@ class HttpClient:
 
     async def run(self, run: Run, params: SamplingParams, request_id: str, counters: Counters) -> list[int]:
         tokens, extra = run.prompt()
-        body = dict(model="aspd", prompt=tokens, max_tokens=run.max_tokens, temperature=params.temperature,
+        body = dict(model="aspd", prompt=tokens, max_tokens=run.max_tokens, min_tokens=run.min_tokens,
+                    temperature=params.temperature,
                     top_k=params.top_k or 0, top_p=1.0 if params.top_p is None else params.top_p,
                     stop_token_ids=sorted(run.stop), ignore_eos=True, skip_special_tokens=False,
                     return_token_ids=True, vllm_xargs=extra, request_id=request_id)

@@ -28,7 +28,6 @@ def refusal(vllm_config, version: str | None = None, platform=None) -> str | Non
     """Why a request with a layout cannot run under ``vllm_config`` (None: it can). ``version``/``platform``:
     vLLM's version and current platform (default the installed ones)."""
     import vllm
-    from vllm.config.compilation import CUDAGraphMode
     from vllm.platforms import current_platform
 
     version = vllm.__version__ if version is None else version

@@ -12,12 +12,14 @@ segment, branch and rotary position per slot and, once per step, ask for the log
   comes from the cache and, after a section, the branches are prefilled once under the branch mask and the
   remapped positions, exactly as the decoder laid them out;
 - the returned tokens are placed where ``ParallelDecoder`` places them (:mod:`.replay`), so results, layouts,
-  positions and forward-pass counts are the decoder's.
+  positions and forward-pass counts are the decoder's;
+- the ``sequential`` strategy's sections step in lockstep instead (a branch token's position is its storage slot,
+  which depends on how many siblings are still live at each step, which no whole-branch request can know): one
+  engine-sampled token per live branch per step.
 
-No log-probs cross the engine boundary on this path. Where the host must see logits (a caller's
-``logits_processor``; the ``sequential`` strategy, whose branch positions depend on how many siblings are still
-live at each step, which no branch request can know; the plan mode's plan, under its stateful grammar), the rows
-are computed as one vLLM request each with every log-prob returned (``runs.row_logprobs``): exact, and slow.
+No log-probs cross the engine boundary on these paths. Where the host must see logits (a caller's
+``logits_processor``; the plan mode's plan, under its stateful grammar), the rows are computed as one vLLM request
+each over the slots the row sees, with every log-prob returned (``runs.LocalClient.row``): exact, and slow.
 """
 from __future__ import annotations
 
@@ -28,12 +30,12 @@ from torch import Tensor
 from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
 from . import grammar as G
-from .replay import place_branches, place_serial
+from .replay import close_branches, place_branches, place_serial, place_step
 from .runs import Counters, Job, Lazy, Round, Run, gather, visible
 
 
-def _engine_samples(req: Request, processor) -> bool:
-    return processor is None and req.counter.strategy != "sequential"
+def _engine_samples(processor) -> bool:
+    return processor is None
 
 
 def _banned(bias: Tensor | None) -> list[int] | None:
@@ -54,6 +56,12 @@ class EngineSampled(ParallelDecoder):
     counters: Counters  # the engine's per-request counts, summed (set per instance; replace it to count a call)
     def _extra(self, rule: dict) -> dict:
         return {**self.extra_args, **rule}
+
+    def _room(self, n: int, prompt_len: int) -> int:
+        """``n`` sampled tokens, capped where the request would pass vLLM's ``max_model_len`` (= max_seq_len + 1):
+        a sequence that outgrows ``max_seq_len`` then raises where the decoder places the token, as the decoder's
+        own engine does."""
+        return max(1, min(n, self.max_seq_len + 1 - prompt_len))
 
     # ------------------------------------------------------------------ the driver's forward pass
     def _feed(self, asks: list[tuple[Request, object]]) -> list:
@@ -104,29 +112,56 @@ class EngineSampled(ParallelDecoder):
     def _branch_loop(self, req: Request, logits, rows: list[int], limit: int, stop: set[int], keep: set[int],
                      close, params, gen, bias, processor, budget, progress):
         ban = _banned(bias)
-        if not _engine_samples(req, processor) or ban is None:
+        if not _engine_samples(processor) or ban is None:
             return (yield from super()._branch_loop(req, logits, rows, limit, stop, keep, close, params, gen, bias,
                                                     processor, budget, progress))
         if isinstance(logits, Lazy):
             logits.claim()
+        extra = self._extra(G.ban(ban) if ban else {})
+        if req.counter.strategy == "sequential":
+            return (yield from self._stepwise(req, rows, limit, stop, keep, close, params, extra, budget, progress))
         cap = limit if budget is None else max(1, min(limit, budget[0]))
         runs = []
         for j, last in enumerate(rows, start=1):
-            runs.append(Run(req, visible(req, last), cap, set(stop), self._extra(G.ban(ban) if ban else {}),
+            slots = visible(req, last)
+            runs.append(Run(req, slots, self._room(cap, len(slots)), set(stop), extra,
                             seed_key=(req.row * 1_000_003 + last) * 64 + j))
         outs = yield Job(runs, params)
         return place_branches(req, outs, limit, stop, keep, close, budget, progress)
 
+    def _stepwise(self, req: Request, rows: list[int], limit: int, stop: set[int], keep: set[int], close, params,
+                  extra: dict, budget, progress):
+        """The ``sequential`` strategy's section: a branch token's position is its storage slot, which depends on
+        the siblings still live at each step, so the branches advance in lockstep, one engine-sampled token per
+        live branch per step (a request over the slots it sees), placed as the decoder places them."""
+        out: list[list[int]] = [[] for _ in rows]
+        live = list(range(1, len(rows) + 1))
+        while True:
+            runs = [Run(req, visible(req, r), 1, set(), extra, seed_key=(req.row * 1_000_003 + r) * 64 + j)
+                    for j, r in zip(live, rows)]
+            toks = [t[0] for t in (yield Job(runs, params))]
+            before = len(req.tokens)
+            still = place_step(req, out, live, toks, limit, stop, keep, budget)
+            if progress is not None:
+                progress(len(toks))
+            if not still:
+                break
+            req.forward_passes += 1
+            slot = {j: k for k in range(before, len(req.tokens)) for j in [req.br[k]]}
+            rows = [slot[j] for j in still]
+            live = still
+        return close_branches(req, out, keep, close)
+
     # ------------------------------------------------------------------ serial text
     def _serial_steps(self, req: Request, logits, last: int, n: int, stop: set[int], params, gen, processor,
                       progress):
-        if not _engine_samples(req, processor):
+        if not _engine_samples(processor):
             return (yield from super()._serial_steps(req, logits, last, n, stop, params, gen, processor, progress))
         if isinstance(logits, Lazy):
             logits.claim()
         if n == 0:
             return []
-        toks = (yield Job([Run(req, list(range(last + 1)), n, set(stop), self._extra({}),
+        toks = (yield Job([Run(req, list(range(last + 1)), self._room(n, last + 1), set(stop), self._extra({}),
                                    seed_key=req.row * 1_000_003 + last)],
                            params))[0]
         return place_serial(req, toks, n, stop, progress)
@@ -135,7 +170,7 @@ class EngineSampled(ParallelDecoder):
                       grammar, processor, progress, width, max_branch_tokens):
         """``AspdMode._aspd_program`` with each serial run up to ``<|para|>`` (or a stop, or the budget) as one
         engine-sampled request under the serial grammar."""
-        if not _engine_samples(req, processor):
+        if not _engine_samples(processor):
             return (yield from super()._aspd_program(req, prompt, max_new_tokens, stop, params, gen, grammar,
                                                      processor, progress, width, max_branch_tokens))
         tk = grammar.tokens
@@ -150,7 +185,8 @@ class EngineSampled(ParallelDecoder):
         while budget[0] > 0:
             if isinstance(logits, Lazy):
                 logits.claim()
-            run = Run(req, list(range(last + 1)), budget[0], stop | {tk.para}, self._extra(G.serial(tk)),
+            run = Run(req, list(range(last + 1)), self._room(budget[0], last + 1), stop | {tk.para},
+                      self._extra(G.serial(tk)),
                       seed_key=req.row * 1_000_003 + last)
             toks = (yield Job([run], params))[0]
             para = False

@@ -13,6 +13,35 @@ from typing import Callable, Sequence
 from ..decoder.request import Request
 
 
+def place_step(req: Request, out: list[list[int]], live: list[int], toks: list[int], limit: int, stop: set[int],
+               keep: set[int], budget: list[int] | None) -> list[int]:
+    """One step of a section: ``toks[i]`` sampled for branch ``live[i]``; place them (a stop token only if in
+    ``keep``) and return the branches still live after it (``BranchesMode._branch_loop``'s rules)."""
+    cut = False
+    if budget is not None:
+        budget[0] -= len(toks)
+        cut = budget[0] <= 0
+    still = []
+    for j, t in zip(live, toks):
+        if t in stop and t not in keep:
+            continue
+        out[j - 1].append(t)
+        req.place(t, j, sampled=True)
+        if not cut and t not in stop and len(out[j - 1]) < limit:
+            still.append(j)
+    return still
+
+
+def close_branches(req: Request, out: list[list[int]], keep: set[int], close: Sequence[int]) -> list[list[int]]:
+    """``close`` after every branch not ending on a ``keep`` token; returns ``out``."""
+    for j, b in enumerate(out, start=1):
+        if close and not (b and b[-1] in keep):
+            for t in close:
+                req.place(t, j)
+            b.extend(close)
+    return out
+
+
 def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[int], keep: set[int],
                    close: Sequence[int], budget: list[int] | None,
                    progress: Callable[[int], None] | None) -> list[list[int]]:
@@ -29,18 +58,7 @@ def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[in
             toks = [outs[j - 1][step] for j in live]
         except IndexError:
             raise RuntimeError("the engine returned fewer tokens for a branch than its stop rules allow") from None
-        cut = False
-        if budget is not None:
-            budget[0] -= len(toks)
-            cut = budget[0] <= 0
-        still = []
-        for j, t in zip(live, toks):
-            if t in stop and t not in keep:
-                continue
-            out[j - 1].append(t)
-            req.place(t, j, sampled=True)
-            if not cut and t not in stop and len(out[j - 1]) < limit:
-                still.append(j)
+        still = place_step(req, out, live, toks, limit, stop, keep, budget)
         if progress is not None:
             progress(len(toks))
         if not still:
@@ -48,12 +66,7 @@ def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[in
         req.forward_passes += 1
         live = still
         step += 1
-    for j, b in enumerate(out, start=1):
-        if close and not (b and b[-1] in keep):
-            for t in close:
-                req.place(t, j)
-            b.extend(close)
-    return out
+    return close_branches(req, out, keep, close)
 
 
 def place_serial(req: Request, toks: list[int], n: int, stop: set[int],

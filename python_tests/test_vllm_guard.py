@@ -101,3 +101,13 @@ def test_the_check_runs_where_vllm_validates_requests(config):
     proc.renderer = ns(tokenizer=None)
     with pytest.raises(ValueError, match="async"):
         InputProcessor._validate_params(proc, LAYOUT, ("generate",))
+
+
+def test_a_malformed_layout_is_refused(config):
+    ragged = SamplingParams(max_tokens=1, extra_args={"aspd_seg": [0, 0], "aspd_br": [0], "aspd_pos": [0, 1]})
+    with pytest.raises(guard.LayoutRefused, match="aspd_br"):
+        guard.check(ragged, config)
+    request = types.SimpleNamespace(sampling_params=LAYOUT, prompt_token_ids=[5, 6, 7])  # 2 entries, 3 tokens
+    with pytest.raises(guard.LayoutRefused, match="2 entries for 3 prompt tokens"):
+        guard.check_length(request)
+    guard.check_length(types.SimpleNamespace(sampling_params=LAYOUT, prompt_token_ids=[5, 6]))

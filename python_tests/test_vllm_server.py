@@ -39,7 +39,7 @@ def served(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("served"))
     model = save_tiny("llama", path, seed=0)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p),
-           "VLLM_CPU_OMP_THREADS_BIND": _omp_bind(2), "VLLM_CPU_KVCACHE_SPACE": "0"}
+           "VLLM_CPU_OMP_THREADS_BIND": _omp_bind(2)}
     extra = ["--tensor-parallel-size", "2", "--enforce-eager", "--max-num-batched-tokens", "64",
              "--kv-cache-memory-bytes", str(256 << 20), "--logits-processors", FORCING,
              "--logprobs-mode", "processed_logprobs"]
@@ -99,10 +99,13 @@ def test_batch_and_async(served):
 
 def test_a_malformed_layout_is_refused_with_http_400(served):
     _, dec = served
-    from aspd_kernels.vllm.runs import Run
     from aspd_kernels.decoder.sampling import SamplingParams
+    from aspd_kernels.vllm.runs import Run
 
-    bad = Run(None, [], 2, set(), extra={"aspd_seg": [0, 0], "aspd_br": [0], "aspd_pos": [0, 1]}, plain=[1, 2])
-    with pytest.raises(ValueError, match="HTTP 400"):
-        dec._loop.run(dec.client.run(bad, SamplingParams(), "bad-1", dec.counters), TEST_LIMIT_S)
+    ragged = {"aspd_seg": [0, 0], "aspd_br": [0], "aspd_pos": [0, 1]}
+    short = {"aspd_seg": [0, 0], "aspd_br": [0, 0], "aspd_pos": [0, 1]}  # two entries, three prompt tokens
+    for i, extra in enumerate((ragged, short)):
+        bad = Run(None, [], 2, set(), extra=extra, plain=[1, 2, 3])
+        with pytest.raises(ValueError, match="HTTP 400"):
+            dec._loop.run(dec.client.run(bad, SamplingParams(), f"bad-{i}", dec.counters), TEST_LIMIT_S)
     assert dec.plain_greedy([[1, 2, 3]], 2)  # the server still serves

@@ -41,9 +41,13 @@ HEAD_SIZES = (16, 32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 class AspdStep:
     """What our layers need beyond CPU_ATTN's metadata. ``q_b``, ``q_i`` (int64 ``[T]``): row and offset of each
     packed query in the padded ``[B, max_query_len]`` query; ``seg``, ``br`` (int32 ``[T]``): ids of the new tokens;
-    ``causal`` (bool ``[B]``): which requests attend causally (all, unless vLLM asked otherwise)."""
+    ``causal`` (bool ``[B]``): which requests attend causally (all, unless vLLM asked otherwise). ``seq_lens``,
+    ``block_table`` (int32): the op's, built once per step, so every layer passes the same tensors and shares the
+    op's per-step plan (the runner runs a step's layers inside ``step_scope``)."""
 
     q_seqlens: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
     q_b: torch.Tensor
     q_i: torch.Tensor
     seg: torch.Tensor
@@ -84,6 +88,8 @@ class AspdMetadataBuilder(CPUAttentionMetadataBuilder):
                              "mask is defined for causal decoder self-attention only")
         dev = m.query_start_loc.device
         step = AspdStep(q_seqlens=torch.from_numpy(q_lens.astype(np.int32)).to(dev),
+                        seq_lens=stock.seq_lens[:nreq].to(torch.int32),
+                        block_table=stock.block_table[:nreq].to(torch.int32),
                         q_b=torch.from_numpy(q_b).to(dev), q_i=torch.from_numpy(q_i).to(dev),
                         seg=torch.from_numpy(np.ascontiguousarray(seg)).to(dev),
                         br=torch.from_numpy(np.ascontiguousarray(br)).to(dev),
@@ -184,13 +190,11 @@ class AspdAttentionImpl(CPUAttentionBackendImpl):
         max_q = int(step.q_seqlens.max()) if nreq else 0
         q = query.new_zeros(nreq, max_q, self.num_heads, self.head_size)
         q[step.q_b, step.q_i] = query[:n]
-        seq_lens = md.seq_lens[:nreq].to(torch.int32)
         if step.all_causal:
-            out = branch_attention_with_kvcache(q, k_cache, v_cache, seq_lens, seg_cache, br_cache, self.scale,
-                                                step.q_seqlens, md.block_table[:nreq].to(torch.int32),
-                                                check_values=False)
+            out = branch_attention_with_kvcache(q, k_cache, v_cache, step.seq_lens, seg_cache, br_cache, self.scale,
+                                                step.q_seqlens, step.block_table, check_values=False)
         else:
-            out = _dense_paged(q, k_cache, v_cache, seq_lens, step.q_seqlens, md.block_table, step.causal,
+            out = _dense_paged(q, k_cache, v_cache, step.seq_lens, step.q_seqlens, step.block_table, step.causal,
                                self.scale)
         output[:n] = out[step.q_b, step.q_i].reshape(output[:n].shape)
         return output

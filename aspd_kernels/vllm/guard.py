@@ -68,8 +68,11 @@ def refusal(vllm_config, version: str | None = None, platform=None) -> str | Non
 def check(params, vllm_config) -> None:
     """Raise :class:`LayoutRefused` if ``params`` (``SamplingParams``) carries a layout ``vllm_config`` cannot
     apply; a request without one always passes."""
-    if not has_layout(getattr(params, "extra_args", None)):
-        return
+    try:
+        if not has_layout(getattr(params, "extra_args", None)):
+            return
+    except ValueError as e:  # a malformed layout: the client's fault (HTTP 400), never run as plain text
+        raise LayoutRefused(str(e), parameter="extra_args") from None
     why = refusal(vllm_config)
     if why:
         raise LayoutRefused(f"this request carries an aspd layout (extra_args aspd_seg/aspd_br/aspd_pos), which "

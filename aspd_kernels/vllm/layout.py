@@ -110,6 +110,17 @@ def _patch_model_runner() -> None:
     _prepare_inputs._aspd = True
     GPUModelRunner._prepare_inputs = _prepare_inputs
 
+    # one step's layers share the op's per-step plan (lengths, block table, id caches: the same for every layer)
+    from ..torch_backend.step_cache import step_scope
+
+    forward = GPUModelRunner._model_forward
+
+    def _model_forward(self, *args, **kwargs):
+        with step_scope():
+            return forward(self, *args, **kwargs)
+
+    GPUModelRunner._model_forward = _model_forward
+
 
 def block_key(extra_args: dict | None, start: int, end: int) -> tuple | None:
     """An extra block-hash key for tokens ``start .. end-1``: None where they are plain causal text (segment 0,

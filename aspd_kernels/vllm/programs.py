@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 from torch import Tensor
 
 from ..decoder.engine import ParallelDecoder
@@ -54,6 +55,7 @@ class EngineSampled(ParallelDecoder):
     _ids = itertools.count()
     extra_args: dict = {}
     counters: Counters  # the engine's per-request counts, summed (set per instance; replace it to count a call)
+
     def _extra(self, rule: dict) -> dict:
         return {**self.extra_args, **rule}
 
@@ -90,9 +92,7 @@ class EngineSampled(ParallelDecoder):
         return out
 
     def _rows_now(self, asks: list[tuple[Request, list[int]]]) -> list[Tensor]:
-        """The fallback: the float32 log-probs ``[len(rows), V]`` of each ask, one vLLM request per row."""
-        import torch
-
+        """The host path: the float32 log-probs ``[len(rows), V]`` of each ask, one vLLM request per row."""
         flat = [(req, r) for req, rows in asks for r in rows]
         got = self._loop.run(gather(self.client.row(req, r, self.vocab_size, f"row-{next(self._ids)}",
                                                     self.extra_args, self.counters)

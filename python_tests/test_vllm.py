@@ -87,7 +87,12 @@ def pair(request, tmp_path_factory):
         else:
             os.environ["PYTHONPATH"] = old
     yield path, decoder(model), dec
+    engine = dec.engine
     dec.close()
+    # closed cleanly: the output handler stopped before the engine core, nothing left pending on the loop (else
+    # the interpreter prints "Task was destroyed but it is pending!" after the test summary)
+    assert engine.output_handler.done() and dec._loop.loop.is_closed()
+    assert not asyncio.all_tasks(dec._loop.loop)
 
 
 @contextlib.contextmanager

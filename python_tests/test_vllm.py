@@ -80,7 +80,8 @@ def pair(request, tmp_path_factory):
     try:
         with _Deadline(ENGINE_LIMIT_S, f"starting the {request.param} engine"):
             model = save_tiny(request.param, path, seed=FAMILIES.index(request.param))
-            dec = VllmDecoder(path, dtype="float32", request_timeout_s=TEST_LIMIT_S, **TEST_ENGINE)
+            dec = VllmDecoder(path, dtype="float32", request_timeout_s=TEST_LIMIT_S,
+                              start_timeout_s=ENGINE_LIMIT_S, **TEST_ENGINE)
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")

@@ -37,7 +37,7 @@ def pair():
     try:
         with _Deadline(2 * ENGINE_LIMIT_S, "starting the SmolLM2 engine"):
             ref = ParallelDecoder.from_hf(path, device="cpu", dtype="float32", max_seq_len=512)
-            dec = VllmDecoder(path, dtype="float32", request_timeout_s=TEST_LIMIT_S,
+            dec = VllmDecoder(path, dtype="float32", request_timeout_s=TEST_LIMIT_S, start_timeout_s=2 * ENGINE_LIMIT_S,
                               tensor_parallel_size=int(os.environ.get("ASPD_VLLM_TP", "1")), **TEST_ENGINE)
     finally:
         if old is None:

@@ -89,7 +89,8 @@ class VllmDecoder(EngineSampled):
 
     model: a local Hugging Face directory. max_model_len: slots of one request (prompt, branches, text after).
     max_branches: the most branches one parallel section may have. max_batch: requests per ``*_batch`` call.
-    request_timeout_s: a step that gets no answer within it raises ``TimeoutError`` instead of hanging.
+    request_timeout_s: a step that gets no answer within it raises ``TimeoutError`` instead of hanging;
+    start_timeout_s: the same for starting the engine (loading, profiling, warm-up: minutes on a loaded machine).
     extra_args: merged into every request's ``SamplingParams.extra_args`` (for your own vLLM logits processors).
     server: the URL of a running ``vllm serve`` of the same model (started with ``server.serve_args``, e.g. by
     :class:`~aspd_kernels.vllm.server.VllmServer`) to send the requests to instead of starting an engine here;
@@ -102,7 +103,7 @@ class VllmDecoder(EngineSampled):
     def __init__(self, model: str, *, max_model_len: int = 2048, max_branches: int = 16, max_batch: int = 64,
                  dtype: str = "float32", block_size: int = 32, gpu_memory_utilization: float = 0.2,
                  tensor_parallel_size: int = 1, request_timeout_s: float = 600.0, extra_args: dict | None = None,
-                 server: str | None = None, **engine_kwargs: Any) -> None:
+                 server: str | None = None, start_timeout_s: float = 900.0, **engine_kwargs: Any) -> None:
         if max_branches < 1:
             raise ValueError(f"max_branches must be >= 1, got {max_branches}")
         if max_model_len < 2:
@@ -137,7 +138,7 @@ class VllmDecoder(EngineSampled):
         procs = list(args.get("logits_processors") or [])
         if not grammar.installed() and grammar.FQCN not in procs:  # else the entry point loads it
             args["logits_processors"] = [grammar.FQCN, *procs]
-        self.engine = self._loop.run(self._start(args), request_timeout_s)
+        self.engine = self._loop.run(self._start(args), start_timeout_s)
         self.client = LocalClient(self.engine)
 
     @staticmethod

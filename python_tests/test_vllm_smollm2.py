@@ -37,8 +37,10 @@ def pair():
     try:
         with _Deadline(2 * ENGINE_LIMIT_S, "starting the SmolLM2 engine"):
             ref = ParallelDecoder.from_hf(path, device="cpu", dtype="float32", max_seq_len=512)
+            tp = int(os.environ.get("ASPD_VLLM_TP", "1"))
             dec = VllmDecoder(path, dtype="float32", request_timeout_s=TEST_LIMIT_S, start_timeout_s=2 * ENGINE_LIMIT_S,
-                              tensor_parallel_size=int(os.environ.get("ASPD_VLLM_TP", "1")), **TEST_ENGINE)
+                              tensor_parallel_size=tp, **TEST_ENGINE)
+            assert dec.engine.vllm_config.parallel_config.tensor_parallel_size == tp
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")

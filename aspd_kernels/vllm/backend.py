@@ -1,4 +1,5 @@
-"""A vLLM v1 attention backend on ``branch_attention_with_kvcache`` over vLLM's own paged KV cache.
+"""A vLLM v1 attention backend on ``branch_attention_with_kvcache`` over vLLM's own paged KV cache, and vLLM's own
+CPU attention (``CPU_ATTN``) for everything the op does not do.
 
 vLLM gives the backend, per step: packed queries ``[T, Hq, D]``, ``query_start_loc`` ``[B+1]``, ``seq_lens`` ``[B]``,
 the block table ``[B, max_blocks]`` and the slot of every new token (``slot_mapping [T]``). Two int32 id caches
@@ -6,66 +7,94 @@ the block table ``[B, max_blocks]`` and the slot of every new token (``slot_mapp
 slot mapping; the branch mask is computed from them inside the op, no dense mask anywhere. A request without a
 layout has ids 0/0 everywhere, which is plain causal attention: then this backend computes what vLLM's own does.
 
-The KV cache keeps CPU_ATTN's shape and layout (``[num_blocks, Hkv, block_size, 2*D]``: per block and head, the
-keys then the values), so vLLM's allocator, profiler and block zeroing work unchanged; the op reads it through a
-``[num_blocks, block_size, Hkv, D]`` view (strides only, no copy).
+Which layers are ours. A layer is "ours" when the op computes it exactly: decoder self-attention, an unquantized
+cache (``kv_cache_dtype="auto"``), no sliding window, ALiBi, soft-capping or sinks. Every other layer (an fp8
+cache, a windowed or encoder/cross layer...) *is* vLLM's CPU_ATTN: the impl and builder subclass it and defer to it
+wholesale, so with this package installed vLLM serves those models exactly as without it; a request carrying a
+layout that reaches such a layer raises (the front-end check, ``layout.refusal``, normally refuses it earlier). The
+capability flags are CPU_ATTN's, and true: what ours do not do, CPU_ATTN does.
+
+On our layers the KV cache keeps CPU_ATTN's shape (``[num_blocks, Hkv, block_size, 2*D]``: per block and head, the
+keys then the values), so vLLM's allocator, profiler and block zeroing work unchanged, but rows are written plainly
+(CPU_ATTN's writer packs the keys for its ISA), and the op reads them through a ``[num_blocks, block_size, Hkv, D]``
+view. A non-causal step (``CommonAttentionMetadata.causal`` False or a per-request tensor, which vLLM's attention
+tests and bidirectional prefixes use) on such a layer runs a dense torch path over the same paged cache: still
+exact, never silently causal; with a layout in it, it raises.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from vllm.v1.attention.backend import (AttentionImpl, AttentionMetadataBuilder, AttentionType,
-                                       CommonAttentionMetadata)
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
+                                                 CPUAttentionMetadata, CPUAttentionMetadataBuilder)
 
 from ..branch_attention_with_kvcache import branch_attention_with_kvcache
 from .layout import StepIds
 
+HEAD_SIZES = (16, 32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
 
 @dataclass
-class AspdMetadata:
-    """One step's batch. ``q_b``, ``q_i`` (int64 ``[T]``): row and offset of each packed query in the padded
-    ``[B, max_query_len]`` query; ``seg``, ``br`` (int32 ``[T]``): ids of the new tokens."""
+class AspdStep:
+    """What our layers need beyond CPU_ATTN's metadata. ``q_b``, ``q_i`` (int64 ``[T]``): row and offset of each
+    packed query in the padded ``[B, max_query_len]`` query; ``seg``, ``br`` (int32 ``[T]``): ids of the new tokens;
+    ``causal`` (bool ``[B]``): which requests attend causally (all, unless vLLM asked otherwise). ``seq_lens``,
+    ``block_table`` (int32): the op's, built once per step, so every layer passes the same tensors and shares the
+    op's per-step plan (the runner runs a step's layers inside ``step_scope``)."""
 
-    num_actual_tokens: int
-    max_query_len: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
     q_seqlens: torch.Tensor
+    seq_lens: torch.Tensor
     block_table: torch.Tensor
-    slot_mapping: torch.Tensor
     q_b: torch.Tensor
     q_i: torch.Tensor
     seg: torch.Tensor
     br: torch.Tensor
+    causal: torch.Tensor
+    all_causal: bool
+    has_layout: bool
 
 
-class AspdMetadataBuilder(AttentionMetadataBuilder[AspdMetadata]):
-    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+@dataclass
+class AspdMetadata(CPUAttentionMetadata):
+    """CPU_ATTN's metadata (its own layers read only that) plus :class:`AspdStep` for ours."""
 
+    aspd: AspdStep | None = None
+
+
+class AspdMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AspdMetadata:
+        stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         m = common_attn_metadata
         qsl = m.query_start_loc_cpu.numpy().astype(np.int64)
         n_tok = int(qsl[-1])
         q_lens = np.diff(qsl)
-        q_b = np.repeat(np.arange(len(q_lens)), q_lens)
+        nreq = len(q_lens)
+        q_b = np.repeat(np.arange(nreq), q_lens)
         q_i = np.arange(n_tok) - qsl[:-1][q_b]
-        seg, br = StepIds.seg, StepIds.br
-        if len(seg) != n_tok:  # a step the runner did not prepare (profiling, warm-up): plain causal text
-            seg, br = np.zeros(n_tok, np.int32), np.zeros(n_tok, np.int32)
+        seg, br, has_layout = StepIds.seg, StepIds.br, StepIds.has_layout
+        if len(seg) != n_tok:  # a step the runner did not prepare (profiling, warm-up, a test): plain text
+            seg, br, has_layout = np.zeros(n_tok, np.int32), np.zeros(n_tok, np.int32), False
+        if isinstance(m.causal, torch.Tensor):
+            causal = m.causal[:nreq].to("cpu", torch.bool)
+        else:
+            causal = torch.full((nreq,), bool(m.causal), dtype=torch.bool)
+        all_causal = bool(causal.all())
+        if has_layout and (not all_causal or self.is_cross_attention or self.is_encoder_only_attention):
+            raise ValueError("a request carrying an aspd layout reached a non-causal attention step: the branch "
+                             "mask is defined for causal decoder self-attention only")
         dev = m.query_start_loc.device
-        return AspdMetadata(
-            num_actual_tokens=n_tok, max_query_len=int(q_lens.max(initial=0)),
-            query_start_loc=m.query_start_loc, seq_lens=m.seq_lens[:len(q_lens)].to(torch.int32),
-            q_seqlens=torch.from_numpy(q_lens.astype(np.int32)).to(dev),
-            block_table=m.block_table_tensor[:len(q_lens)].to(torch.int32), slot_mapping=m.slot_mapping[:n_tok],
-            q_b=torch.from_numpy(q_b).to(dev), q_i=torch.from_numpy(q_i).to(dev),
-            seg=torch.from_numpy(np.ascontiguousarray(seg)).to(dev),
-            br=torch.from_numpy(np.ascontiguousarray(br)).to(dev))
+        step = AspdStep(q_seqlens=torch.from_numpy(q_lens.astype(np.int32)).to(dev),
+                        seq_lens=stock.seq_lens[:nreq].to(torch.int32),
+                        block_table=stock.block_table[:nreq].to(torch.int32),
+                        q_b=torch.from_numpy(q_b).to(dev), q_i=torch.from_numpy(q_i).to(dev),
+                        seg=torch.from_numpy(np.ascontiguousarray(seg)).to(dev),
+                        br=torch.from_numpy(np.ascontiguousarray(br)).to(dev),
+                        causal=causal, all_causal=all_causal, has_layout=has_layout)
+        return AspdMetadata(**{f.name: getattr(stock, f.name) for f in fields(CPUAttentionMetadata)}, aspd=step)
 
 
 class _IdCache:
@@ -91,25 +120,45 @@ def _split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
-class AspdAttentionImpl(AttentionImpl):
+def why_not_ours(head_size: int, alibi_slopes, sliding_window, kv_cache_dtype: str, logits_soft_cap, attn_type,
+                 sinks) -> list[str]:
+    """The settings of a layer that the op does not compute (empty: the layer is ours)."""
+    why = []
+    if attn_type != AttentionType.DECODER:
+        why.append(f"attn_type={attn_type} (only decoder self-attention)")
+    if kv_cache_dtype != "auto":
+        why.append(f"kv_cache_dtype={kv_cache_dtype!r} (set kv_cache_dtype='auto')")
+    if sliding_window is not None:
+        why.append(f"sliding_window={sliding_window}")
+    if alibi_slopes is not None:
+        why.append("ALiBi")
+    if logits_soft_cap:
+        why.append(f"logits_soft_cap={logits_soft_cap}")
+    if sinks is not None:
+        why.append("attention sinks")
+    if head_size not in HEAD_SIZES:
+        why.append(f"head_size={head_size} (the op takes {HEAD_SIZES})")
+    return why
+
+
+class AspdAttentionImpl(CPUAttentionBackendImpl):
+    """CPU_ATTN's impl, with the op on the layers it computes exactly (:func:`why_not_ours` empty)."""
+
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
                  logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
-        unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
-                       "logits_soft_cap": logits_soft_cap or None, "sinks": sinks}
-        bad = [k for k, v in unsupported.items() if v is not None]
-        if bad or attn_type != AttentionType.DECODER or kv_cache_dtype != "auto":
-            raise NotImplementedError(f"the aspd attention backend runs decoder self-attention with an unquantized "
-                                      f"cache and none of {bad or list(unsupported)}; got attn_type={attn_type}, "
-                                      f"kv_cache_dtype={kv_cache_dtype}")
-        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
-        self.num_kv_heads = num_kv_heads
-        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        self.why_not = why_not_ours(head_size, alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap,
+                                    attn_type, sinks)
+        self.ours = not self.why_not
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Write the new tokens' keys and values (``[T, Hkv, D]``) at their slots."""
+        """Write the new tokens' keys and values (``[T, Hkv, D]``) at their slots (plain rows on our layers)."""
+        if not self.ours:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         k_cache, v_cache = _split_cache(kv_cache)
         bs = k_cache.shape[1]
         n = slot_mapping.shape[0]
@@ -122,33 +171,64 @@ class AspdAttentionImpl(AttentionImpl):
                 attn_metadata: AspdMetadata | None, output: torch.Tensor, output_scale=None,
                 output_block_scale=None) -> torch.Tensor:
         """query ``[T, Hq, D]`` (new tokens, packed); output ``[T, Hq, D]`` written in place."""
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization is not supported by the aspd backend")
-        if attn_metadata is None:  # profiling run
-            return output
+        step = getattr(attn_metadata, "aspd", None)
+        if not self.ours or attn_metadata is None or output_scale is not None or output_block_scale is not None:
+            if step is not None and step.has_layout:
+                raise ValueError(f"a request carrying an aspd layout reached an attention layer the branch mask "
+                                 f"cannot apply to: {', '.join(self.why_not) or 'fused output quantization'}")
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
         md = attn_metadata
         n = md.num_actual_tokens
         k_cache, v_cache = _split_cache(kv_cache)
         seg_cache, br_cache = _IdCache.get(k_cache.shape[0], k_cache.shape[1], kv_cache.device)
         # every layer writes the same ids; doing it here keeps the builder free of the cache
-        seg_cache.view(-1)[md.slot_mapping.long()] = md.seg
-        br_cache.view(-1)[md.slot_mapping.long()] = md.br
-        nreq = md.seq_lens.shape[0]
-        q = query.new_zeros(nreq, md.max_query_len, self.num_heads, self.head_size)
-        q[md.q_b, md.q_i] = query[:n]
-        out = branch_attention_with_kvcache(q, k_cache, v_cache, md.seq_lens, seg_cache, br_cache, self.scale,
-                                            md.q_seqlens, md.block_table, check_values=False)
-        output[:n] = out[md.q_b, md.q_i].reshape(output[:n].shape)
+        slots = md.slot_mapping[:n].long()
+        seg_cache.view(-1)[slots] = step.seg
+        br_cache.view(-1)[slots] = step.br
+        nreq = step.q_seqlens.shape[0]
+        max_q = int(step.q_seqlens.max()) if nreq else 0
+        q = query.new_zeros(nreq, max_q, self.num_heads, self.head_size)
+        q[step.q_b, step.q_i] = query[:n]
+        if step.all_causal:
+            out = branch_attention_with_kvcache(q, k_cache, v_cache, step.seq_lens, seg_cache, br_cache, self.scale,
+                                                step.q_seqlens, step.block_table, check_values=False)
+        else:
+            out = _dense_paged(q, k_cache, v_cache, step.seq_lens, step.q_seqlens, step.block_table, step.causal,
+                               self.scale)
+        output[:n] = out[step.q_b, step.q_i].reshape(output[:n].shape)
         return output
 
 
-class AspdAttentionBackend(CPUAttentionBackend):
-    """CPU_ATTN's cache shape and layout, our builder and impl. Registered over ``CPU_ATTN`` by the plugin (the CPU
-    platform always picks that one) and as ``ASPD`` (selectable by name elsewhere)."""
+def _dense_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                 q_lens: torch.Tensor, block_table: torch.Tensor, causal: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of ``q [B, Lq, Hq, D]`` (the last ``q_lens[b]`` of ``seq_lens[b]`` tokens) over each request's
+    paged keys, causal where ``causal[b]``, else over all ``seq_lens[b]`` keys. Same shape as ``q``; padding 0."""
+    out = torch.zeros_like(q)
+    bs = k_cache.shape[1]
+    for b in range(q.shape[0]):
+        n, lq = int(seq_lens[b]), int(q_lens[b])
+        if lq == 0:
+            continue
+        blocks = block_table[b, :(n + bs - 1) // bs].long()
+        k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:n]  # [n, Hkv, D]
+        v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:n]
+        rep = q.shape[2] // k.shape[1]
+        qq = q[b, :lq].transpose(0, 1).float()  # [Hq, lq, D]
+        kk = k.repeat_interleave(rep, dim=1).transpose(0, 1).float()
+        vv = v.repeat_interleave(rep, dim=1).transpose(0, 1).float()
+        s = qq @ kk.transpose(1, 2) * scale  # [Hq, lq, n]
+        if bool(causal[b]):
+            keep = torch.arange(n)[None, :] <= torch.arange(n - lq, n)[:, None]
+            s = s.masked_fill(~keep, float("-inf"))
+        out[b, :lq] = (s.softmax(-1) @ vv).transpose(0, 1).to(q.dtype)
+    return out
 
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return [16, 32, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+
+class AspdAttentionBackend(CPUAttentionBackend):
+    """CPU_ATTN, with our builder and impl (which defer to CPU_ATTN's wherever the op does not apply), so its
+    capability flags stay CPU_ATTN's and true. Registered over ``CPU_ATTN`` by the plugin (the CPU platform always
+    picks that one) and as ``ASPD`` (selectable by name elsewhere)."""
 
     @staticmethod
     def get_impl_cls() -> type[AspdAttentionImpl]:

@@ -1,23 +1,12 @@
 """``VllmDecoder``: ``ParallelDecoder``'s modes (``generate_serial``, ``generate_branches``, ``generate``,
-``generate_plan`` and their ``*_batch`` forms) with vLLM's engine doing every forward pass.
-
-How a forward pass runs. The decoder's programs (``aspd_kernels.decoder``) keep each request's sequence on the host
-in storage order with its segment, branch and rotary position per slot, and ask, once per step, for the logits of
-some slots ("rows": one per live branch, or the last serial token). Here each row becomes one vLLM request whose
-prompt is the sequence up to that row, with the layout attached (``layout.encode``), ``max_tokens=1`` and every
-logprob returned; all rows of all requests of a step go to the engine together, so one engine step advances every
-live branch of every request. The plugin's backend applies the branch mask and the model runner the remapped
-positions. vLLM's prefix cache, keyed on tokens *and* layout, holds every full block already computed: the shared
-prefix is computed once for all branches, and at the join the text after a section reads the branches' KV from the
-blocks their own rows computed (no re-prefill of the branches; only the row's trailing partial block, under
-``block_size`` tokens, is recomputed). Sampling (greedy, temperature, top-k/p, the ASPD grammar) is the decoder's,
-on the returned log-probabilities: a log-softmax shifts each row by a constant, which none of them sees.
+``generate_plan`` and their ``*_batch`` forms) with vLLM's engine (``AsyncLLM``, in-process front end, its engine
+core and workers in their own processes) doing every forward pass and the sampling: how the programs map onto
+vLLM requests is in :mod:`.programs`.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import json
 import os
 import threading
@@ -28,8 +17,12 @@ from torch import Tensor
 
 from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
+from ..decoder.sampling import SamplingParams
 from ..tokens import AspdTokens
-from .layout import encode
+from . import grammar
+from .programs import EngineSampled
+from .runs import Counters, LocalClient, Run, gather
+from .server import HttpClient
 
 
 class _Loop:
@@ -49,8 +42,36 @@ class _Loop:
             raise TimeoutError(f"the vLLM engine gave no answer within {timeout} s") from None
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        """Cancel what is still pending on the loop, wait for it, then stop and close the loop: nothing is left
+        for the interpreter to destroy half-done at exit ("Task was destroyed but it is pending!")."""
+        if self.loop.is_closed():
+            return
+        if self.thread.is_alive():
+            try:
+                self.run(_cancel_all(), 30)
+            except TimeoutError:
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+async def _cancel_all() -> None:
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stop_output_handler(engine) -> None:
+    """Cancel ``AsyncLLM``'s output handler before its engine core goes: else the handler sees the core die and
+    logs an ``EngineDeadError`` traceback on every clean shutdown."""
+    handler = getattr(engine, "output_handler", None)
+    if handler is not None and not handler.done():
+        handler.cancel()
+        await asyncio.gather(handler, return_exceptions=True)
 
 
 def _omp_bind(tp: int) -> str:
@@ -62,20 +83,27 @@ def _omp_bind(tp: int) -> str:
     return "|".join(",".join(map(str, g)) for g in groups)
 
 
-class VllmDecoder(ParallelDecoder):
+class VllmDecoder(EngineSampled):
     """``ParallelDecoder`` over a vLLM engine (``AsyncLLM``; the plugin of this package must be installed, which
     ``pip install`` of the package does through its entry point).
 
     model: a local Hugging Face directory. max_model_len: slots of one request (prompt, branches, text after).
     max_branches: the most branches one parallel section may have. max_batch: requests per ``*_batch`` call.
-    request_timeout_s: a step that gets no answer within it raises ``TimeoutError`` instead of hanging.
-    engine_kwargs: passed to vLLM's ``AsyncEngineArgs`` (e.g. ``tensor_parallel_size=2``).
+    request_timeout_s: a step that gets no answer within it raises ``TimeoutError`` instead of hanging;
+    start_timeout_s: the same for starting the engine (loading, profiling, warm-up: minutes on a loaded machine).
+    extra_args: merged into every request's ``SamplingParams.extra_args`` (for your own vLLM logits processors).
+    server: the URL of a running ``vllm serve`` of the same model (started with ``server.serve_args``, e.g. by
+    :class:`~aspd_kernels.vllm.server.VllmServer`) to send the requests to instead of starting an engine here;
+    ``max_model_len`` must then be the server's.
+    engine_kwargs: passed to vLLM's ``AsyncEngineArgs`` (e.g. ``tensor_parallel_size=2``); async scheduling is
+    off by default (the plugin refuses layouts under it).
     Construct it under ``if __name__ == "__main__":`` in scripts: vLLM spawns its engine processes.
     """
 
     def __init__(self, model: str, *, max_model_len: int = 2048, max_branches: int = 16, max_batch: int = 64,
                  dtype: str = "float32", block_size: int = 32, gpu_memory_utilization: float = 0.2,
-                 tensor_parallel_size: int = 1, request_timeout_s: float = 600.0, **engine_kwargs: Any) -> None:
+                 tensor_parallel_size: int = 1, request_timeout_s: float = 600.0, extra_args: dict | None = None,
+                 server: str | None = None, start_timeout_s: float = 900.0, **engine_kwargs: Any) -> None:
         if max_branches < 1:
             raise ValueError(f"max_branches must be >= 1, got {max_branches}")
         if max_model_len < 2:
@@ -90,16 +118,28 @@ class VllmDecoder(ParallelDecoder):
         self.cache = self.graphs = None
         self.check_values = False
         self.timeout = request_timeout_s
-        self._ids = itertools.count()
+        self.extra_args = dict(extra_args or {})
+        self.counters = Counters()
         if tensor_parallel_size > 1:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _omp_bind(tensor_parallel_size))
         self._loop = _Loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_batch, thread_name_prefix="aspd-req")
+        self.engine = None
+        if server is not None:
+            if engine_kwargs:
+                raise ValueError(f"engine_kwargs {sorted(engine_kwargs)} configure a local engine; with server= "
+                                 "they belong on the server's command line")
+            self.client = HttpClient(server, request_timeout_s)
+            return
         args = dict(model=model, skip_tokenizer_init=True, dtype=dtype, max_model_len=max_model_len,
-                    block_size=block_size, enable_prefix_caching=True, max_logprobs=-1,
+                    block_size=block_size, enable_prefix_caching=True, max_logprobs=-1, async_scheduling=False,
                     gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
         args.update(engine_kwargs)
-        self.engine = self._loop.run(self._start(args), request_timeout_s)
+        procs = list(args.get("logits_processors") or [])
+        if not grammar.installed() and grammar.FQCN not in procs:  # else the entry point loads it
+            args["logits_processors"] = [grammar.FQCN, *procs]
+        self.engine = self._loop.run(self._start(args), start_timeout_s)
+        self.client = LocalClient(self.engine)
 
     @staticmethod
     async def _start(args: dict):
@@ -110,9 +150,19 @@ class VllmDecoder(ParallelDecoder):
 
     def close(self) -> None:
         """Shut the engine down (its processes exit) and stop the loop thread."""
-        if getattr(self, "engine", None) is not None:
-            self.engine.shutdown()
-            self.engine = None
+        engine, self.engine = getattr(self, "engine", None), None
+        client, self.client = getattr(self, "client", None), None
+        if client is not None:
+            try:
+                self._loop.run(client.close(), 30)
+            except TimeoutError:
+                pass
+        if engine is not None:
+            try:
+                self._loop.run(_stop_output_handler(engine), 30)
+            except TimeoutError:
+                pass
+            engine.shutdown()
         self._pool.shutdown(wait=False)
         self._loop.stop()
 
@@ -164,72 +214,18 @@ class VllmDecoder(ParallelDecoder):
                              f"{self.max_branches}")
         return ParallelDecoder._open_branches(req, prompts, width)
 
-    # ------------------------------------------------------------------ forward pass
-    def _feed(self, asks: list[tuple[Request, list[int]]]) -> list[Tensor | None]:
-        """One engine step: a vLLM request per asked row, all submitted together; per request the float32
-        log-probs ``[len(rows), V]`` of its rows (None when it asks for none)."""
-        if self.engine is None:
-            raise RuntimeError("the engine is closed")
-        outs = self._loop.run(self._feed_async(asks), self.timeout)
-        for req, _ in asks:
-            req.fed = len(req.tokens)
-            req.forward_passes += 1
-        return outs
-
-    async def _feed_async(self, asks: list[tuple[Request, list[int]]]) -> list[Tensor | None]:
-        jobs, shape = [], []
-        for req, rows in asks:
-            # a pass that only feeds (no row asked): the last slot's row computes and caches it all the same
-            want = rows or [len(req.tokens) - 1]
-            jobs += [self._row(req, r) for r in want]
-            shape.append(len(rows))
-        rows_out = await asyncio.gather(*jobs)
-        outs, k = [], 0
-        for n, (req, rows) in zip(shape, asks):
-            outs.append(torch.stack(rows_out[k:k + n]) if n else None)
-            k += max(n, 1)
-        return outs
-
-    async def _row(self, req: Request, r: int) -> Tensor:
-        """The log-probs ``[V]`` after slot ``r`` of ``req``: a vLLM request over slots ``0..r`` and their layout."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        n = r + 1
-        sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False,
-                            extra_args=encode(req.seg[:n], req.br[:n], req.pos[:n]))
-        final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=req.tokens[:n]), sp,
-                                              request_id=f"aspd-{next(self._ids)}"):
-            final = out
-        lp = final.outputs[0].logprobs[0]
-        row = torch.full((self.vocab_size,), float("-inf"), dtype=torch.float32)
-        ids = torch.tensor(list(lp.keys()), dtype=torch.int64)
-        row[ids] = torch.tensor([v.logprob for v in lp.values()], dtype=torch.float32)
-        return row
-
     def plain_greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int,
                      min_tokens: int = 0) -> list[list[int]]:
         """Plain vLLM decoding (no layout: causal, vLLM's positions), greedy, all prompts at once: the serial
         baseline and the backend's identity check. ``min_tokens`` keeps EOS from ending a request early."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        async def one(p: list[int]) -> list[int]:
-            sp = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, temperature=0.0, ignore_eos=True,
-                                detokenize=False)
-            final = None
-            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(p)), sp,
-                                                  request_id=f"plain-{next(self._ids)}"):
-                final = out
-            return list(final.outputs[0].token_ids)
-
-        async def run() -> list[list[int]]:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
-
+        params = SamplingParams()  # greedy
+        runs = [Run(None, [], max_tokens, set(), plain=list(p), min_tokens=min_tokens) for p in prompts]
+        if self.client is None:
+            raise RuntimeError("the engine is closed")
         for i, p in enumerate(prompts):
             self._fits(f"prompts[{i}]", p)
-        return self._loop.run(run(), self.timeout)
+        return self._loop.run(gather(self.client.run(r, params, f"plain-{next(self._ids)}", self.counters)
+                                     for r in runs), self.timeout)
 
     # ------------------------------------------------------------------ async front end
     async def _in_thread(self, fn, *args, **kwargs):

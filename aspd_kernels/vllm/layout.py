@@ -2,9 +2,10 @@
 vLLM must learn it: the model runner (the positions it feeds the rotary embedding, and the ids the attention backend
 writes into its per-slot id cache) and the prefix cache's block hashes.
 
-A request carries its layout in ``SamplingParams.extra_args["aspd"]`` (the only per-request channel vLLM sends to
-every worker, tensor-parallel ranks included): ``{"seg": [...], "br": [...], "pos": [...]}``, one int per prompt
-token. A request without it is plain causal text (segment 0, branch 0, positions 0, 1, 2, ...). Tokens past the
+A request carries its layout in ``SamplingParams.extra_args`` (the only per-request channel vLLM sends to every
+worker, tensor-parallel ranks included; a server's ``vllm_xargs``, which takes flat lists only) as three keys,
+``aspd_seg``, ``aspd_br``, ``aspd_pos``: one int per prompt token each. A request without them is plain causal
+text (segment 0, branch 0, positions 0, 1, 2, ...). Tokens past the
 layout (a request's own generated tokens) continue its last token: same segment and branch, position + 1.
 
 Nothing here imports vLLM at module level: the package imports without it, and :func:`install` patches it in the
@@ -17,25 +18,37 @@ from typing import Any
 
 import numpy as np
 
-KEY = "aspd"
+KEYS = {"seg": "aspd_seg", "br": "aspd_br", "pos": "aspd_pos"}
 
 
 def encode(segment: list[int], branch: list[int], positions: list[int]) -> dict[str, Any]:
     """``extra_args`` for a request whose prompt has this layout (three int lists of the prompt's length)."""
     if not len(segment) == len(branch) == len(positions):
         raise ValueError("segment, branch and positions need one entry per prompt token")
-    return {KEY: {"seg": [int(s) for s in segment], "br": [int(b) for b in branch],
-                  "pos": [int(p) for p in positions]}}
+    return {KEYS["seg"]: [int(s) for s in segment], KEYS["br"]: [int(b) for b in branch],
+            KEYS["pos"]: [int(p) for p in positions]}
 
 
-def _layout_of(extra_args: dict | None) -> dict | None:
-    return None if not extra_args else extra_args.get(KEY)
+def layout_of(extra_args: dict | None) -> dict | None:
+    """``{"seg", "br", "pos"}`` of a request's ``extra_args``, None without a layout; ``ValueError`` for a partial
+    or ragged one (a malformed layout must not run as plain text)."""
+    if not extra_args or not any(k in extra_args for k in KEYS.values()):
+        return None
+    lay = {name: extra_args.get(key) for name, key in KEYS.items()}
+    if not all(isinstance(v, list) and v for v in lay.values()) or len({len(v) for v in lay.values()}) != 1:
+        raise ValueError(f"extra_args: a layout needs {sorted(KEYS.values())}, non-empty int lists of one length")
+    return lay
+
+
+def has_layout(extra_args: dict | None) -> bool:
+    """Whether a request's ``extra_args`` carry a layout."""
+    return layout_of(extra_args) is not None
 
 
 def request_ids(extra_args: dict | None, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Segment, branch (int32 ``[n]``) and positions (int64 ``[n]``, None = vLLM's own) of tokens
     ``start .. start+n-1`` of a request."""
-    lay = _layout_of(extra_args)
+    lay = layout_of(extra_args)
     if lay is None:
         return np.zeros(n, np.int32), np.zeros(n, np.int32), None
     seg, br, pos = lay["seg"], lay["br"], lay["pos"]
@@ -55,6 +68,7 @@ class StepIds:
 
     seg: np.ndarray = np.zeros(0, np.int32)
     br: np.ndarray = np.zeros(0, np.int32)
+    has_layout: bool = False
 
 
 def _prepare_with_layout(runner, total: int) -> None:
@@ -63,6 +77,7 @@ def _prepare_with_layout(runner, total: int) -> None:
     batch = runner.input_batch
     seg = np.zeros(total, np.int32)
     br = np.zeros(total, np.int32)
+    has_layout = False
     qsl = runner.query_start_loc.cpu
     for i, rid in enumerate(batch.req_ids):
         a, e = int(qsl[i]), int(qsl[i + 1])
@@ -70,13 +85,14 @@ def _prepare_with_layout(runner, total: int) -> None:
             continue
         state = runner.requests[rid]
         extra = state.sampling_params.extra_args if state.sampling_params is not None else None
-        if _layout_of(extra) is None:
+        if layout_of(extra) is None:
             continue
+        has_layout = True
         start = int(batch.num_computed_tokens_cpu[i])
         s, b, p = request_ids(extra, start, e - a)
         seg[a:e], br[a:e] = s, b
         runner.positions[a:e] = runner.positions.new_tensor(p)
-    StepIds.seg, StepIds.br = seg, br
+    StepIds.seg, StepIds.br, StepIds.has_layout = seg, br, has_layout
 
 
 def _patch_model_runner() -> None:
@@ -94,12 +110,23 @@ def _patch_model_runner() -> None:
     _prepare_inputs._aspd = True
     GPUModelRunner._prepare_inputs = _prepare_inputs
 
+    # one step's layers share the op's per-step plan (lengths, block table, id caches: the same for every layer)
+    from ..torch_backend.step_cache import step_scope
+
+    forward = GPUModelRunner._model_forward
+
+    def _model_forward(self, *args, **kwargs):
+        with step_scope():
+            return forward(self, *args, **kwargs)
+
+    GPUModelRunner._model_forward = _model_forward
+
 
 def block_key(extra_args: dict | None, start: int, end: int) -> tuple | None:
     """An extra block-hash key for tokens ``start .. end-1``: None where they are plain causal text (segment 0,
     branch 0, position = index), so such blocks stay shared with plain requests; else a digest of their ids and
     positions. Hashes chain, so every block after a keyed one differs too."""
-    lay = _layout_of(extra_args)
+    lay = layout_of(extra_args)
     if lay is None:
         return None
     s, b, p = request_ids(extra_args, start, end - start)

@@ -11,12 +11,14 @@ BACKEND = "aspd_kernels.vllm.backend.AspdAttentionBackend"
 
 def register() -> None:
     """Take over ``CPU_ATTN`` (the CPU platform selects no other), register the backend as ``ASPD`` for other
-    platforms, and teach vLLM's model runner and prefix cache the request layouts. Idempotent."""
+    platforms, teach vLLM's model runner and prefix cache the request layouts, and refuse a layout where the
+    engine's settings cannot apply it (:mod:`.guard`). Idempotent."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from .layout import install
+    from . import guard, layout
 
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND)
     if "ASPD" not in AttentionBackendEnum.__members__:
         register_backend("ASPD", BACKEND)
-    install()
+    layout.install()
+    guard.install()

@@ -1,0 +1,87 @@
+"""Placing engine-sampled tokens into a decoder request exactly where ``ParallelDecoder`` would have placed them.
+
+A branch sampled by vLLM as its own request comes back whole; ``ParallelDecoder`` places the tokens of a section
+step by step, one per live branch per step (storage order = feeding order), which fixes every slot's segment,
+branch and rotary position and the forward passes counted. These functions replay that placement (the same rules
+as ``BranchesMode._branch_loop`` and ``SerialMode._serial_steps``), so the result is the decoder's slot for slot.
+No vLLM here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from ..decoder.request import Request
+
+
+def place_step(req: Request, out: list[list[int]], live: list[int], toks: list[int], limit: int, stop: set[int],
+               keep: set[int], budget: list[int] | None) -> list[int]:
+    """One step of a section: ``toks[i]`` sampled for branch ``live[i]``; place them (a stop token only if in
+    ``keep``) and return the branches still live after it (``BranchesMode._branch_loop``'s rules)."""
+    cut = False
+    if budget is not None:
+        budget[0] -= len(toks)
+        cut = budget[0] <= 0
+    still = []
+    for j, t in zip(live, toks):
+        if t in stop and t not in keep:
+            continue
+        out[j - 1].append(t)
+        req.place(t, j, sampled=True)
+        if not cut and t not in stop and len(out[j - 1]) < limit:
+            still.append(j)
+    return still
+
+
+def close_branches(req: Request, out: list[list[int]], keep: set[int], close: Sequence[int]) -> list[list[int]]:
+    """``close`` after every branch not ending on a ``keep`` token; returns ``out``."""
+    for j, b in enumerate(out, start=1):
+        if close and not (b and b[-1] in keep):
+            for t in close:
+                req.place(t, j)
+            b.extend(close)
+    return out
+
+
+def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[int], keep: set[int],
+                   close: Sequence[int], budget: list[int] | None,
+                   progress: Callable[[int], None] | None) -> list[list[int]]:
+    """Place the open section's branch tokens (``outs[j-1]``: branch j's sampled tokens, its stop token included)
+    step by step. A branch stops on a token in ``stop`` (placed only if in ``keep``), at ``limit`` tokens, or when
+    ``budget[0]`` runs out (then every branch stops after that step). Then ``close`` goes after every branch not
+    ending on a ``keep`` token. Counts one forward pass per step after which a branch is still live. Returns each
+    branch's tokens after its prompt."""
+    out: list[list[int]] = [[] for _ in outs]
+    live = list(range(1, len(outs) + 1))
+    step = 0
+    while True:
+        try:
+            toks = [outs[j - 1][step] for j in live]
+        except IndexError:
+            raise RuntimeError("the engine returned fewer tokens for a branch than its stop rules allow") from None
+        still = place_step(req, out, live, toks, limit, stop, keep, budget)
+        if progress is not None:
+            progress(len(toks))
+        if not still:
+            break
+        req.forward_passes += 1
+        live = still
+        step += 1
+    return close_branches(req, out, keep, close)
+
+
+def place_serial(req: Request, toks: list[int], n: int, stop: set[int],
+                 progress: Callable[[int], None] | None) -> list[int]:
+    """Place up to ``n`` engine-sampled serial tokens, ending after a token in ``stop``; one forward pass per
+    token but the last (which is never fed). Returns the tokens placed."""
+    out: list[int] = []
+    for i, t in enumerate(toks[:n]):
+        out.append(t)
+        req.place(t, sampled=True)
+        if progress is not None:
+            progress(1)
+        if t in stop or i == n - 1:
+            return out
+        req.forward_passes += 1
+    if n:
+        raise RuntimeError("the engine stopped a serial run before its stop rules")
+    return out

@@ -29,7 +29,8 @@ for f in $(cd "$SDIST/transformers-$VER" && find tests -type f -name '*.py'); do
 done
 [ "$mismatch" = 0 ] || { echo "SRC is not transformers $VER's source: stop"; exit 2; }
 for t in $TESTS; do [ -f "$SRC/$t" ] || { echo "SRC lacks $t"; exit 2; }; done
-echo "SRC matches the transformers $VER sdist (tests/ files compared); commit: $(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo n/a)"
+commit=$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo n/a)
+echo "SRC matches the transformers $VER sdist (tests/ files compared); commit: $commit"
 
 # 2. the two runs (a failing test is a result here, not an error of the script)
 run() {

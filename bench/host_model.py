@@ -111,7 +111,8 @@ def instructions(models: list[tuple[str, int]], timeout_s: float = 5400) -> dict
         for model_name, layers in models:
             tag = f"{model_name}-{layers}"
             result[(model_name, layers)] = {
-                name: (counts[f"{tag}_{name}_{LONG}"] - counts[f"{tag}_{name}_{SHORT}"]) / per for name in ("ours", "hf")}
+                name: (counts[f"{tag}_{name}_{LONG}"] - counts[f"{tag}_{name}_{SHORT}"]) / per
+                for name in ("ours", "hf")}
     except KeyError:
         return f"callgrind dumps missing: got {sorted(counts)}"
     return result

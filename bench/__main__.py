@@ -9,6 +9,7 @@ committed results go to ``bench/results/`` only when asked (``--out bench/result
     python -m bench --ops e2e --models llama-3-8b
     python -m bench --ops branch_attention_with_kvcache --cases "N=32768 K=16 interleaved H=32/8 D=128"
     python -m bench --ops host                        # the host-path report (bench/host.py), CPU only
+    python -m bench --ops host --cases model          # only its real-model section (SmolLM2)
     python -m bench --ops vllm                        # parallel sections through vLLM (bench/bench_vllm.py), CPU
     python -m bench --ops aspd-real                   # ASPD end to end on SmolLM2 (bench/bench_aspd_real.py), CPU
 
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        host.report(sys.argv[1:] if argv is None else argv, args.out)
+        # --cases picks the report's sections by name (ops, step, model, attention, memory); default all
+        picked = [c for c in host.SECTIONS if not args.cases or any(k and k in c for k in args.cases.split(";"))]
+        host.report(sys.argv[1:] if argv is None else argv, args.out, sections=tuple(picked), tag=args.tag)
         return 0
     if ops == ["vllm"]:  # starts vLLM engines (minutes): only when asked, never in the default run
         from . import bench_vllm

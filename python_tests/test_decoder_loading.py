@@ -99,3 +99,20 @@ def test_mistral_decodes_like_transformers_and_sliding_window_is_refused():
     with pytest.raises(ValueError, match="sliding window"):
         ParallelDecoder.from_hf(model, max_seq_len=64)
     assert ParallelDecoder.from_hf(model, max_seq_len=32).max_seq_len == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_transformers_bitwise(dtype):
+    """The decoder's RMSNorm (torch.rms_norm for float32, the textbook ops otherwise) gives transformers'
+    LlamaRMSNorm bit for bit: float32 statistics, the weight applied in the input dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from aspd_kernels.decoder.model import RMSNorm
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(96, 1e-6).to(dtype), LlamaRMSNorm(96, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(96))
+        ref.weight.copy_(ours.weight)
+    x = (torch.randn(3, 5, 96) * 4).to(dtype)
+    assert torch.equal(ours(x), ref(x))

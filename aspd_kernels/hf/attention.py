@@ -28,6 +28,13 @@ keys in front), so ``generate`` works with the default causal layout. A 2-D padd
 static-cache slots) is honoured by gathering the valid tokens; padded query rows come back as zeros. Refused with an
 error: a 4-D or block mask, a padding mask together with ``cu_seq_lens_*``, attention dropout, soft-capping, sinks,
 non-causal attention and a sliding window shorter than the keys.
+
+Traceable: the mask builder and the attention call read nothing back to the host and branch only on shapes and
+Python values, so ``torch.compile(fullgraph=True)`` traces them (transformers' compiled generation with a static
+cache included) and one graph serves every prompt length of a static cache. The padding path sorts each row's valid
+tokens first (fixed shapes); packing found from ``position_ids`` becomes branch ids under one segment. Two reads
+remain outside compilation: ``max_length_*`` computed from ``cu_seq_lens_*`` when not given as ints (while
+compiling, the packed length bounds it), and the value checks of a checked call (layer 0; off while compiling).
 """
 from __future__ import annotations
 
@@ -55,10 +62,11 @@ def register(name: str = NAME) -> None:
 # ----------------------------------------------------------------------------------------------------------- mask
 def aspd_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0, mask_function=None,
               attention_mask: Tensor | None = None, device=None, **kwargs) -> Tensor | None:
-    """The mask builder transformers calls once per forward; never ``N x N``. Returns ``None`` when every key slot
-    holds a token and the queries are the last ``q_length`` slots (no padding; no cache or a dynamic one), else
+    """The mask builder transformers calls once per forward; never ``N x N``. Returns ``None`` when there is no
+    2-D mask and the queries are the last ``q_length`` slots (no cache or a dynamic one: decided from shapes), else
     slot codes ``int8 [B, 1, 1, kv_length]``: bit 0 = the slot holds a valid key (not padding, not a free slot of a
     static cache), bit 1 = it holds one of this step's queries (``q_length`` per row; mid-buffer in a static cache).
+    A 2-D mask always gives codes, an all-ones one too: telling them apart would read the mask back to the host.
 
     The codes are 4-D because ``generate`` builds the mask ahead of a static-cache forward and the model then asks
     for it again: transformers casts a 2-D mask to bool first (losing bit 1) but hands 4-D masks through untouched.
@@ -66,6 +74,16 @@ def aspd_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_off
     the attention call instead."""
     if attention_mask is not None and attention_mask.dim() != 2:
         return attention_mask  # ours passes through; any other 4-D mask is refused by the attention call
+    # slots filled after this step (transformers 5.x passes q_offset, a tensor for a static cache; earlier versions
+    # cache_position). Never read back: under torch.compile the codes stay a function of tensors, so one graph
+    # serves every prompt length of a static cache.
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:
+        end = cache_position[-1] + 1
+    else:
+        end = (q_offset if q_offset is not None else 0) + q_length
+    if attention_mask is None and isinstance(end, int) and end == kv_length:
+        return None  # decided from shapes alone
     valid = None
     if attention_mask is not None:
         valid = attention_mask.to(device=device, dtype=torch.bool)
@@ -74,11 +92,6 @@ def aspd_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_off
             valid = valid[:, n - kv_length:]
         elif n < kv_length:
             valid = torch.nn.functional.pad(valid, (0, kv_length - n), value=False)
-    # slots filled after this step (transformers 5.x passes q_offset; earlier versions cache_position)
-    cache_position = kwargs.get("cache_position")
-    end = cache_position[-1] + 1 if cache_position is not None else (q_offset or 0) + q_length
-    if isinstance(end, int) and end == kv_length and (valid is None or bool(valid.all())):
-        return None
     slots = torch.arange(kv_length, device=device)
     filled = slots < end
     query = filled & (slots >= end - q_length)
@@ -122,19 +135,19 @@ def aspd_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
             )
         cu_q = (cu_q if cu_q is not None else cu_k).to(device=dev, dtype=torch.int32)
         cu_k = (cu_k if cu_k is not None else cu_q).to(device=dev, dtype=torch.int32)
-        max_q = _max_len(kwargs.get("max_length_q"), cu_q)
-        max_k = _max_len(kwargs.get("max_length_k"), cu_k)
+        max_q = _max_len(kwargs.get("max_length_q"), cu_q, bsz * lq)
+        max_k = _max_len(kwargs.get("max_length_k"), cu_k, bsz * lk)
         return _packed(q, k, v, segment, branch, cu_q, cu_k, max_q, max_k, scaling, check, backend), None
 
     if attention_mask is not None:
         return _unpadded(q, k, v, segment, branch, attention_mask, scaling, check, backend), None
 
     if segment is None and lq == lk and lq > 1:
-        cu = _restarts(kwargs.get("position_ids"), bsz, lq)
-        if cu is not None:
-            cu = cu.to(dev)
-            m = _max_len(None, cu)
-            return _packed(q, k, v, None, None, cu, cu, m, m, scaling, check, backend), None
+        restarts = _restart_branches(kwargs.get("position_ids"), bsz, lq)
+        if restarts is not None:
+            branch = restarts.to(dev)
+            segment = torch.zeros_like(branch)
+
     cu_q = torch.arange(0, (bsz + 1) * lq, lq, dtype=torch.int32, device=dev)
     cu_k = torch.arange(0, (bsz + 1) * lk, lk, dtype=torch.int32, device=dev)
     return _packed(q, k, v, segment, branch, cu_q, cu_k, lq, lk, scaling, check, backend), None
@@ -155,39 +168,69 @@ def _packed(q, k, v, segment, branch, cu_q, cu_k, max_q, max_k, scale, check, ba
 
 
 def _unpadded(q, k, v, segment, branch, codes, scale, check, backend) -> Tensor:
-    """Gather the valid tokens of every row (FlashAttention's unpadding). Every key after a row's queries is empty
-    (a static cache's free slots), so the valid queries of a row are the last of its valid keys: bottom-right
-    alignment holds for the gathered tokens."""
+    """Attend the valid tokens of every row (FlashAttention's unpadding) with fixed shapes: each row's tokens are
+    reordered, valid ones first (a stable sort, so their order holds), and the row becomes two packed sequences, its
+    valid tokens and the rest. Every key after a row's queries is empty (a static cache's free slots), so the valid
+    queries of a row are the last of its valid keys: bottom-right alignment holds for the valid sequence. The rest
+    attend one another causally under serial ids (every query there sees a key: invalid query slots are invalid
+    key slots) and come back as zeros. Nothing is read back to the host."""
     bsz, lq, hq, d = q.shape
-    valid_k, valid_q, cu_q, cu_k, max_q, max_k, total_k = _cached(f"unpad{lq}", codes, lambda m: _unpad_meta(m, lq))
+    lk = k.shape[1]
+    meta = _memo_or_run(f"unpad{lq}", codes, lambda m: _unpad_meta(m, lq))
+    order_q, order_k, valid_q, valid_ks, cu_q, cu_k = meta
+    if check and not torch.compiler.is_compiling():
+        _check_codes(codes, lq)
+    zero = torch.zeros((), dtype=torch.int32, device=q.device)
     if segment is None:
-        seg = br = torch.zeros(total_k, dtype=torch.int32, device=q.device)
-    else:
-        seg, br = segment[valid_k], branch[valid_k]
+        seg = br = torch.zeros(bsz * lk, dtype=torch.int32, device=q.device)
+    else:  # the rest get serial ids: theirs (padding) may be anything
+        seg = torch.where(valid_ks, segment.reshape(-1)[order_k], zero)
+        br = torch.where(valid_ks, branch.reshape(-1)[order_k], zero)
     packed = branch_attention(
-        q[valid_q], k[valid_k], v[valid_k], seg, br, cu_q, cu_k, max_q, max_k, scale,
+        q.reshape(bsz * lq, hq, d)[order_q], k.reshape(bsz * lk, *k.shape[2:])[order_k],
+        v.reshape(bsz * lk, *v.shape[2:])[order_k], seg, br, cu_q, cu_k, lq, lk, scale,
         check_values=check, backend=backend,
     )
-    out = q.new_zeros(bsz, lq, hq, packed.shape[-1])
-    out[valid_q] = packed
-    return out
+    out = torch.zeros_like(packed).index_put((order_q,), packed)  # back to the rows' order
+    out = torch.where(valid_q.reshape(-1, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.view(bsz, lq, hq, -1)
 
 
 def _unpad_meta(codes: Tensor, lq: int):
-    """From :func:`aspd_mask`'s codes: key validity ``[B, Lk]``, query validity ``[B, Lq]``, cu_seqlens and max
-    lengths of the valid tokens of every row (one host read)."""
+    """From :func:`aspd_mask`'s codes ``int8 [B, 1, 1, Lk]``, all on the device with fixed shapes: the gather orders
+    ``order_q [B * Lq]``, ``order_k [B * Lk]`` (int64, flat indices, each row's valid tokens first), query validity
+    ``valid_q [B * Lq]`` in the rows' order, key validity in the sorted order ``[B * Lk]``, and int32
+    ``cu_q, cu_k [2B + 1]`` of the two sequences per row (valid tokens, the rest)."""
     codes = codes[:, 0, 0]
-    bsz = codes.shape[0]
+    bsz, lk = codes.shape
+    dev = codes.device
     valid_k = (codes & 1) != 0
-    slots = (codes & 2) != 0
-    if int(slots.sum()) != bsz * lq:
+    is_query = (codes & 2) != 0
+    # the query slots of a row are consecutive: from the first marked slot on (argmax returns the first maximum)
+    first = is_query.to(torch.int8).argmax(1)
+    q_slots = (first[:, None] + torch.arange(lq, device=dev)).clamp_max(lk - 1)
+    valid_q = valid_k.gather(1, q_slots)
+
+    def order(valid: Tensor) -> Tensor:
+        n = valid.shape[1]
+        rows = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        return (rows + torch.arange(bsz, device=dev)[:, None] * n).reshape(-1)
+
+    def cu(valid: Tensor) -> Tensor:
+        n = valid.shape[1]
+        lens = valid.sum(1, dtype=torch.int32)
+        pairs = torch.stack([lens, n - lens], 1).reshape(-1)
+        return torch.cat([torch.zeros(1, dtype=torch.int32, device=dev), pairs.cumsum(0, dtype=torch.int32)])
+
+    order_k = order(valid_k)
+    return order(valid_q), order_k, valid_q.reshape(-1), valid_k.reshape(-1)[order_k], cu(valid_q), cu(valid_k)
+
+
+def _check_codes(codes: Tensor, lq: int) -> None:
+    """The value check of a checked call (layer 0 by default; never while compiling): ``lq`` query slots per row."""
+    marked = ((codes[:, 0, 0] & 2) != 0).sum(1)
+    if not bool((marked == lq).all()):
         raise ValueError(f"attention_mask: the aspd slot codes do not mark {lq} query slots per row")
-    valid_q = valid_k[slots].view(bsz, lq)
-    len_q, len_k = valid_q.sum(1, dtype=torch.int32), valid_k.sum(1, dtype=torch.int32)
-    zero = torch.zeros(1, dtype=torch.int32, device=codes.device)
-    cu_q = torch.cat([zero, len_q.cumsum(0, dtype=torch.int32)])
-    cu_k = torch.cat([zero, len_k.cumsum(0, dtype=torch.int32)])
-    return valid_k, valid_q, cu_q, cu_k, int(len_q.max()), int(len_k.max()), int(cu_k[-1])
 
 
 def _layout(kwargs: dict, bsz: int, lk: int, dev) -> tuple[Tensor | None, Tensor | None]:
@@ -226,14 +269,17 @@ def _refuse_unsupported(module, lk: int, dropout: float, kwargs: dict) -> None:
         )
 
 
-# ----------------------------------------------------------------------- host reads, once per forward not per layer
+# ----------------------------------------------------------------------------- once per forward, not per layer
 _memo: dict[str, tuple] = {}
 
 
-def _cached(tag: str, t: Tensor, fn):
+def _memo_or_run(tag: str, t: Tensor, fn):
     """``fn(t)`` remembered for the last tensor seen under ``tag``: every layer of one forward passes the same
-    ``position_ids`` / ``cu_seq_lens`` object, so the device read happens once. The strong reference keeps the
-    identity check sound; ``_version`` catches in-place edits."""
+    mask / ``position_ids`` / ``cu_seq_lens`` object, so the derived tensors are built once. The strong reference
+    keeps the identity check sound; ``_version`` catches in-place edits. While compiling: ``fn(t)`` every time
+    (the graph is built once; a Python-side cache would only add guards)."""
+    if torch.compiler.is_compiling():
+        return fn(t)
     key = (id(t), t._version)
     hit = _memo.get(tag)
     if hit is not None and hit[0] is t and hit[1] == key:
@@ -243,25 +289,29 @@ def _cached(tag: str, t: Tensor, fn):
     return value
 
 
-def _max_len(given, cu: Tensor) -> int:
+def _max_len(given, cu: Tensor, bound: int) -> int:
+    """The longest packed sequence: ``given`` when it is a Python int; while compiling ``bound`` (the packed length,
+    an upper bound the ops accept), so that no value is read back; else read once per forward."""
+    if isinstance(given, int):
+        return given
+    if torch.compiler.is_compiling():
+        return bound
     if given is not None:
         return int(given)
-    return _cached("max_len", cu, lambda c: int(c.diff().max()) if c.numel() > 1 else 0)
+    return _memo_or_run("max_len", cu, lambda c: int(c.diff().max()) if c.numel() > 1 else 0)
 
 
-def _restarts(position_ids: Tensor | None, bsz: int, length: int) -> Tensor | None:
-    """int32 cu_seqlens of the sequences packed in the rows, from restarts of ``position_ids`` (a step other than
-    +1, the rule of transformers' ``find_packed_sequence_indices``); ``None`` when every row is one sequence."""
+def _restart_branches(position_ids: Tensor | None, bsz: int, length: int) -> Tensor | None:
+    """The sequences packed in the rows, from restarts of ``position_ids`` (a step other than +1, the rule of
+    transformers' ``find_packed_sequence_indices``), as branch ids int32 ``[B, L]`` under one serial segment: the
+    j-th sequence of a row is branch j, so a token sees only its own sequence's earlier tokens (the visibility rule
+    with equal segments). Fixed shapes, nothing read back; ``None`` without position ids of this length."""
     if position_ids is None or position_ids.shape[-1] != length:
         return None
 
-    def find(pos: Tensor):
+    def find(pos: Tensor) -> Tensor:
         pos = pos.reshape(-1, length).expand(bsz, length)
-        starts = torch.ones(bsz, length, dtype=torch.bool, device=pos.device)
-        starts[:, 1:] = pos.diff(dim=-1) != 1
-        if int(starts.sum()) == bsz:
-            return None
-        idx = starts.reshape(-1).nonzero().reshape(-1).to(torch.int32)
-        return torch.cat([idx, idx.new_tensor([bsz * length])])
+        steps = (pos.diff(dim=-1) != 1).to(torch.int32)
+        return torch.nn.functional.pad(steps.cumsum(-1, dtype=torch.int32), (1, 0))
 
-    return _cached(f"restarts{bsz}", position_ids, find)
+    return _memo_or_run(f"restarts{bsz}", position_ids, find)

@@ -37,6 +37,12 @@ def branch_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, segment, b
                (tuple(k_cache.shape[:3]), tuple(q.shape[1:3]), acc, k_cache.is_contiguous(),
                 v_cache.is_contiguous()),
                lambda: plan(q, k_cache, v_cache, cache_seqlens, q_seqlens, segment, branch, block_table, acc))
+    bsz, lq_max, hq = q.shape[:3]
+    if bsz == 1 and lq_max == 1 and p.covered and p.rows[0].split is not None and acc == q.dtype:
+        # one query of one row (a serial step): [Hkv, 1, G, Dv] is already the [1, 1, Hq, Dv] output's layout,
+        # so it is returned as is instead of copied into a fresh output
+        o = decode_split.attend(q[0], k_cache, v_cache, 0, p.rows[0].split, softmax_scale, acc)
+        return o.view(1, 1, hq, o.shape[-1])
     out = _new_out(q.shape[:-1] + (v_cache.shape[-1],), q.dtype, p.covered)
     for r in p.rows:
         if r.split is not None:

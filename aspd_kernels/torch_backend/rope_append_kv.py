@@ -3,7 +3,8 @@
 Split in two (a plan/run split, see ``step_cache``): :func:`_plan` derives from the positions and lengths alone the
 rotary factors and the flat cache slots to write; :func:`rope_append_kv` runs one layer with them. Inside a
 ``step_scope`` every layer of a decoding step shares the first layer's plan, so a layer costs a handful of aten
-calls: a rotation of q and of k (multiply, flip, multiply, add) and one ``index_copy_`` per cache.
+calls: a rotation of q and of k (multiply, flip, multiply, add) and one ``index_copy_`` per K/V cache; the segment
+and branch ids, the same for every layer, are written by the first layer's call only.
 """
 from __future__ import annotations
 
@@ -89,6 +90,14 @@ def rope_append_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, segment_
     q_rot = _rotate(q, plan, acc)
     _write(k_cache, _rotate(k, plan, acc), plan)
     _write(v_cache, v, plan)
-    _write(segment_cache, segment, plan)
-    _write(branch_cache, branch, plan)
+
+    def write_ids() -> bool:
+        _write(segment_cache, segment, plan)
+        _write(branch_cache, branch, plan)
+        return True
+
+    # the ids once per scope: every layer of a step writes the same ids at the same slots (the scope's promise), so
+    # a later layer's write would change nothing; outside a scope every call writes them
+    shared("rope-ids", (segment_cache, branch_cache, segment, branch, positions, cache_seqlens, q_seqlens,
+                        block_table), (), write_ids)
     return q_rot

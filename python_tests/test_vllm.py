@@ -122,6 +122,7 @@ def _same(a, b) -> None:
     assert torch.equal(a.positions, b.positions)
     assert torch.equal(a.sampled, b.sampled)
     assert a.forward_passes == b.forward_passes
+    assert a.stop_reason == b.stop_reason and a.mode == b.mode
 
 
 def test_backend_equals_stock_vllm(pair):
@@ -149,6 +150,20 @@ def test_generate_branches_equals_parallel_decoder(pair, strategy):
     eos = want.branches[0][1]
     kw["eos_token_id"] = eos
     _same(dec.generate_branches(prefix, prompts, 6, **kw), ref.generate_branches(prefix, prompts, 6, **kw))
+
+
+def test_branch_stop_rules_equal_parallel_decoder(pair):
+    """Per-branch stop ids (the caller's stop rule, judged on the host after every token) and the budget check:
+    the same tokens, layout and stop reason as ParallelDecoder's."""
+    _, ref, dec = pair
+    prefix, prompts = _prompts(17, 3)
+    free = ref.generate_branches(prefix, prompts, 6, eos_token_id=None)
+    # branch 1 stops at its third token, branch 2 at its second, branch 3 has no rule of its own
+    stops = [[free.branches[0][2]], [free.branches[1][1]], []]
+    kw = dict(eos_token_id=None, stop_token_ids=stops, suffix_ids=[5], max_suffix_tokens=2)
+    want = ref.generate_branches(prefix, prompts, 6, **kw)
+    assert [len(b) for b in want.branches][:2] == [3, 2] and want.stop_reason == "max_new_tokens"
+    _same(dec.generate_branches(prefix, prompts, 6, **kw), want)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
 from . import grammar as G
-from .replay import close_branches, place_branches, place_serial, place_step
+from .replay import close_branches, end_section, place_branches, place_serial, place_step
 from .runs import Counters, Job, Lazy, Round, Run, gather, visible
 
 
@@ -110,16 +110,21 @@ class EngineSampled(ParallelDecoder):
 
     # ------------------------------------------------------------------ a parallel section
     def _branch_loop(self, req: Request, logits, rows: list[int], limit: int, stop: set[int], keep: set[int],
-                     close, params, gen, bias, processor, budget, progress):
+                     close, params, gen, bias, processor, budget, progress, *, ends=None, eos=None,
+                     limit_reason: str = "max_new_tokens"):
         ban = _banned(bias)
-        if not _engine_samples(processor) or ban is None:
+        # a caller's stop rule (stop strings, per-branch stop ids) is judged on the host after every token: the
+        # exact per-row path, as for a caller's logits processor
+        if not _engine_samples(processor) or ban is None or ends is not None:
             return (yield from super()._branch_loop(req, logits, rows, limit, stop, keep, close, params, gen, bias,
-                                                    processor, budget, progress))
+                                                    processor, budget, progress, ends=ends, eos=eos,
+                                                    limit_reason=limit_reason))
         if isinstance(logits, Lazy):
             logits.claim()
         extra = self._extra(G.ban(ban) if ban else {})
         if req.counter.strategy == "sequential":
-            return (yield from self._stepwise(req, rows, limit, stop, keep, close, params, extra, budget, progress))
+            return (yield from self._stepwise(req, rows, limit, stop, keep, close, params, extra, budget, progress,
+                                              eos, limit_reason))
         cap = limit if budget is None else max(1, min(limit, budget[0]))
         runs = []
         for j, last in enumerate(rows, start=1):
@@ -127,21 +132,22 @@ class EngineSampled(ParallelDecoder):
             runs.append(Run(req, slots, self._room(cap, len(slots)), set(stop), extra,
                             seed_key=(req.row * 1_000_003 + last) * 64 + j))
         outs = yield Job(runs, params)
-        return place_branches(req, outs, limit, stop, keep, close, budget, progress)
+        return place_branches(req, outs, limit, stop, keep, close, budget, progress, eos, limit_reason)
 
     def _stepwise(self, req: Request, rows: list[int], limit: int, stop: set[int], keep: set[int], close, params,
-                  extra: dict, budget, progress):
+                  extra: dict, budget, progress, eos: set[int] | None = None, limit_reason: str = "max_new_tokens"):
         """The ``sequential`` strategy's section: a branch token's position is its storage slot, which depends on
         the siblings still live at each step, so the branches advance in lockstep, one engine-sampled token per
         live branch per step (a request over the slots it sees), placed as the decoder places them."""
         out: list[list[int]] = [[] for _ in rows]
         live = list(range(1, len(rows) + 1))
+        reasons: set[str] = set()
         while True:
             runs = [Run(req, visible(req, r), 1, set(), extra, seed_key=(req.row * 1_000_003 + r) * 64 + j)
                     for j, r in zip(live, rows)]
             toks = [t[0] for t in (yield Job(runs, params))]
             before = len(req.tokens)
-            still = place_step(req, out, live, toks, limit, stop, keep, budget)
+            still = place_step(req, out, live, toks, limit, stop, keep, budget, reasons, eos, limit_reason)
             if progress is not None:
                 progress(len(toks))
             if not still:
@@ -150,6 +156,7 @@ class EngineSampled(ParallelDecoder):
             slot = {j: k for k in range(before, len(req.tokens)) for j in [req.br[k]]}
             rows = [slot[j] for j in still]
             live = still
+        end_section(req, reasons)
         return close_branches(req, out, keep, close)
 
     # ------------------------------------------------------------------ serial text
@@ -191,6 +198,9 @@ class EngineSampled(ParallelDecoder):
             toks = (yield Job([run], params))[0]
             para = False
             for t in toks:
+                if req.room() < 1:
+                    req.end("max_seq_len")
+                    return req.result(sections, suffix, self._sync(), mode="aspd")
                 budget[0] -= 1
                 suffix.append(t)
                 text.append(t)
@@ -198,17 +208,21 @@ class EngineSampled(ParallelDecoder):
                 if progress is not None:
                     progress(1)
                 if t in stop or budget[0] <= 0:
-                    return req.result(sections, suffix, self._sync())
+                    req.end("eos" if t in stop else "max_new_tokens")
+                    return req.result(sections, suffix, self._sync(), mode="aspd")
                 if t == tk.para:
                     para = True
                     break
                 req.forward_passes += 1
             if not para:
                 raise RuntimeError("the engine stopped a serial run before its stop rules")
-            branches, last, logits = yield from self._section(req, text, grammar, max_branch_tokens, width, stop,
-                                                              params, gen, processor, budget, progress)
+            got = yield from self._section(req, text, grammar, max_branch_tokens, width, stop, params, gen,
+                                           processor, budget, progress)
+            if got is None:  # no room for the section: the answer ends on its <|para|>, as the decoder's does
+                req.end("max_seq_len")
+                break
+            branches, last, logits = got
             sections.append(branches)
             suffix = []
             text = [tk.para_end, *tk.after_para]
-        return req.result(sections, suffix, self._sync())
-
+        return req.result(sections, suffix, self._sync(), mode="aspd")

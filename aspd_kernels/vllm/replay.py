@@ -14,9 +14,14 @@ from ..decoder.request import Request
 
 
 def place_step(req: Request, out: list[list[int]], live: list[int], toks: list[int], limit: int, stop: set[int],
-               keep: set[int], budget: list[int] | None) -> list[int]:
+               keep: set[int], budget: list[int] | None, reasons: set[str] | None = None,
+               eos: set[int] | None = None, limit_reason: str = "max_new_tokens") -> list[int]:
     """One step of a section: ``toks[i]`` sampled for branch ``live[i]``; place them (a stop token only if in
-    ``keep``) and return the branches still live after it (``BranchesMode._branch_loop``'s rules)."""
+    ``keep``) and return the branches still live after it (``BranchesMode._branch_loop``'s rules). Why each
+    branch stopped goes into ``reasons`` (the same words and order of checks as the decoder's loop; ``eos``:
+    the stop tokens that count as "eos", default all of ``stop``)."""
+    eos = stop if eos is None else eos
+    note = reasons.add if reasons is not None else (lambda r: None)
     cut = False
     if budget is not None:
         budget[0] -= len(toks)
@@ -24,12 +29,24 @@ def place_step(req: Request, out: list[list[int]], live: list[int], toks: list[i
     still = []
     for j, t in zip(live, toks):
         if t in stop and t not in keep:
+            note("eos" if t in eos else "stop")
             continue
         out[j - 1].append(t)
         req.place(t, j, sampled=True)
-        if not cut and t not in stop and len(out[j - 1]) < limit:
+        if t in stop:
+            note("eos" if t in eos else "stop")
+        elif len(out[j - 1]) >= limit:
+            note(limit_reason)
+        elif cut:
+            note("max_new_tokens")
+        else:
             still.append(j)
     return still
+
+
+def end_section(req: Request, reasons: set[str]) -> None:
+    """``req.stop_reason`` from a section's branch reasons: the most severe one, as the decoder's loop sets it."""
+    req.end(next((r for r in ("max_seq_len", "max_new_tokens", "stop", "eos") if r in reasons), ""))
 
 
 def close_branches(req: Request, out: list[list[int]], keep: set[int], close: Sequence[int]) -> list[list[int]]:
@@ -44,7 +61,8 @@ def close_branches(req: Request, out: list[list[int]], keep: set[int], close: Se
 
 def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[int], keep: set[int],
                    close: Sequence[int], budget: list[int] | None,
-                   progress: Callable[[int], None] | None) -> list[list[int]]:
+                   progress: Callable[[int], None] | None, eos: set[int] | None = None,
+                   limit_reason: str = "max_new_tokens") -> list[list[int]]:
     """Place the open section's branch tokens (``outs[j-1]``: branch j's sampled tokens, its stop token included)
     step by step. A branch stops on a token in ``stop`` (placed only if in ``keep``), at ``limit`` tokens, or when
     ``budget[0]`` runs out (then every branch stops after that step). Then ``close`` goes after every branch not
@@ -52,13 +70,14 @@ def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[in
     branch's tokens after its prompt."""
     out: list[list[int]] = [[] for _ in outs]
     live = list(range(1, len(outs) + 1))
+    reasons: set[str] = set()
     step = 0
     while True:
         try:
             toks = [outs[j - 1][step] for j in live]
         except IndexError:
             raise RuntimeError("the engine returned fewer tokens for a branch than its stop rules allow") from None
-        still = place_step(req, out, live, toks, limit, stop, keep, budget)
+        still = place_step(req, out, live, toks, limit, stop, keep, budget, reasons, eos, limit_reason)
         if progress is not None:
             progress(len(toks))
         if not still:
@@ -66,20 +85,26 @@ def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[in
         req.forward_passes += 1
         live = still
         step += 1
+    end_section(req, reasons)
     return close_branches(req, out, keep, close)
 
 
 def place_serial(req: Request, toks: list[int], n: int, stop: set[int],
                  progress: Callable[[int], None] | None) -> list[int]:
-    """Place up to ``n`` engine-sampled serial tokens, ending after a token in ``stop``; one forward pass per
-    token but the last (which is never fed). Returns the tokens placed."""
+    """Place up to ``n`` engine-sampled serial tokens, ending after a token in ``stop`` or before a token the
+    sequence has no slot for; one forward pass per token but the last (which is never fed). Returns the tokens
+    placed; sets ``req.stop_reason`` as ``SerialMode._serial_steps`` does."""
     out: list[int] = []
     for i, t in enumerate(toks[:n]):
+        if req.room() < 1:
+            req.end("max_seq_len")
+            return out
         out.append(t)
         req.place(t, sampled=True)
         if progress is not None:
             progress(1)
         if t in stop or i == n - 1:
+            req.end("eos" if t in stop else "max_new_tokens")
             return out
         req.forward_passes += 1
     if n:

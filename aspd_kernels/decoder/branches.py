@@ -10,6 +10,7 @@ from torch import Tensor
 from .driver import LogitsProcessor, Program, check_ids, positive, stop_set
 from .request import Request
 from .result import DecodeResult
+from .section_step import close_section, place_step
 from .sampling import SamplingParams
 from .serial import SerialMode
 from .stops import StopRule, stop_rule
@@ -187,42 +188,15 @@ class BranchesMode(SerialMode):
         "max_new_tokens" (the budget), then "stop" (``ends``, or a ``stop`` token not in ``eos``), then "eos"."""
         out: list[list[int]] = [[] for _ in rows]
         live = list(range(1, len(rows) + 1))
-        eos = stop if eos is None else eos
         reasons: set[str] = set()
         while True:
             toks = self._sample(req, logits, rows, params, gen, bias, processor)
-            cut = False
-            if budget is not None:
-                budget[0] -= len(toks)
-                cut = budget[0] <= 0
-            rows, still = [], []
-            for j, t in zip(live, toks):
-                if t in stop and t not in keep:
-                    reasons.add("eos" if t in eos else "stop")
-                    continue
-                out[j - 1].append(t)
-                slot = req.place(t, j, sampled=True)
-                if t in stop:
-                    reasons.add("eos" if t in eos else "stop")
-                elif ends is not None and ends(j, out[j - 1]):
-                    reasons.add("stop")
-                elif len(out[j - 1]) >= limit:
-                    reasons.add(limit_reason)
-                elif cut:
-                    reasons.add("max_new_tokens")
-                else:
-                    still.append(j)
-                    rows.append(slot)
+            still = place_step(req, out, live, toks, limit, stop, keep, budget, reasons, eos, limit_reason, ends)
             if progress is not None:
                 progress(len(toks))
             if not still:
                 break
+            rows = [slot for _, slot in still]
+            live = [j for j, _ in still]
             logits = yield rows
-            live = still
-        for j, b in enumerate(out, start=1):
-            if close and not (b and b[-1] in keep):
-                for t in close:
-                    req.place(t, j)
-                b.extend(close)
-        req.end(next((r for r in ("max_seq_len", "max_new_tokens", "stop", "eos") if r in reasons), ""))
-        return out
+        return close_section(req, out, keep, close, reasons)

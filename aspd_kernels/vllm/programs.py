@@ -31,7 +31,8 @@ from torch import Tensor
 from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
 from . import grammar as G
-from .replay import close_branches, end_section, place_branches, place_serial, place_step
+from ..decoder.section_step import close_section, place_step
+from .replay import place_branches, place_serial
 from .runs import Counters, Job, Lazy, Round, Run, gather, visible
 
 
@@ -146,18 +147,15 @@ class EngineSampled(ParallelDecoder):
             runs = [Run(req, visible(req, r), 1, set(), extra, seed_key=(req.row * 1_000_003 + r) * 64 + j)
                     for j, r in zip(live, rows)]
             toks = [t[0] for t in (yield Job(runs, params))]
-            before = len(req.tokens)
             still = place_step(req, out, live, toks, limit, stop, keep, budget, reasons, eos, limit_reason)
             if progress is not None:
                 progress(len(toks))
             if not still:
                 break
             req.forward_passes += 1
-            slot = {j: k for k in range(before, len(req.tokens)) for j in [req.br[k]]}
-            rows = [slot[j] for j in still]
-            live = still
-        end_section(req, reasons)
-        return close_branches(req, out, keep, close)
+            rows = [slot for _, slot in still]
+            live = [j for j, _ in still]
+        return close_section(req, out, keep, close, reasons)
 
     # ------------------------------------------------------------------ serial text
     def _serial_steps(self, req: Request, logits, last: int, n: int, stop: set[int], params, gen, processor,

@@ -2,8 +2,9 @@
 
 A branch sampled by vLLM as its own request comes back whole; ``ParallelDecoder`` places the tokens of a section
 step by step, one per live branch per step (storage order = feeding order), which fixes every slot's segment,
-branch and rotary position and the forward passes counted. These functions replay that placement (the same rules
-as ``BranchesMode._branch_loop`` and ``SerialMode._serial_steps``), so the result is the decoder's slot for slot.
+branch and rotary position and the forward passes counted. These functions replay that placement through the
+decoder's own section step (``decoder.section_step``, which ``BranchesMode._branch_loop`` runs too) and
+``SerialMode._serial_steps``' rules, so the result is the decoder's slot for slot.
 No vLLM here.
 """
 from __future__ import annotations
@@ -11,52 +12,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..decoder.request import Request
-
-
-def place_step(req: Request, out: list[list[int]], live: list[int], toks: list[int], limit: int, stop: set[int],
-               keep: set[int], budget: list[int] | None, reasons: set[str] | None = None,
-               eos: set[int] | None = None, limit_reason: str = "max_new_tokens") -> list[int]:
-    """One step of a section: ``toks[i]`` sampled for branch ``live[i]``; place them (a stop token only if in
-    ``keep``) and return the branches still live after it (``BranchesMode._branch_loop``'s rules). Why each
-    branch stopped goes into ``reasons`` (the same words and order of checks as the decoder's loop; ``eos``:
-    the stop tokens that count as "eos", default all of ``stop``)."""
-    eos = stop if eos is None else eos
-    note = reasons.add if reasons is not None else (lambda r: None)
-    cut = False
-    if budget is not None:
-        budget[0] -= len(toks)
-        cut = budget[0] <= 0
-    still = []
-    for j, t in zip(live, toks):
-        if t in stop and t not in keep:
-            note("eos" if t in eos else "stop")
-            continue
-        out[j - 1].append(t)
-        req.place(t, j, sampled=True)
-        if t in stop:
-            note("eos" if t in eos else "stop")
-        elif len(out[j - 1]) >= limit:
-            note(limit_reason)
-        elif cut:
-            note("max_new_tokens")
-        else:
-            still.append(j)
-    return still
-
-
-def end_section(req: Request, reasons: set[str]) -> None:
-    """``req.stop_reason`` from a section's branch reasons: the most severe one, as the decoder's loop sets it."""
-    req.end(next((r for r in ("max_seq_len", "max_new_tokens", "stop", "eos") if r in reasons), ""))
-
-
-def close_branches(req: Request, out: list[list[int]], keep: set[int], close: Sequence[int]) -> list[list[int]]:
-    """``close`` after every branch not ending on a ``keep`` token; returns ``out``."""
-    for j, b in enumerate(out, start=1):
-        if close and not (b and b[-1] in keep):
-            for t in close:
-                req.place(t, j)
-            b.extend(close)
-    return out
+from ..decoder.section_step import close_section, place_step
 
 
 def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[int], keep: set[int],
@@ -83,10 +39,9 @@ def place_branches(req: Request, outs: list[list[int]], limit: int, stop: set[in
         if not still:
             break
         req.forward_passes += 1
-        live = still
+        live = [j for j, _ in still]
         step += 1
-    end_section(req, reasons)
-    return close_branches(req, out, keep, close)
+    return close_section(req, out, keep, close, reasons)
 
 
 def place_serial(req: Request, toks: list[int], n: int, stop: set[int],

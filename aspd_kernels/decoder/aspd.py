@@ -15,6 +15,23 @@ from .result import DecodeResult
 from .sampling import Grammar, SamplingParams
 
 
+
+def place_answer_token(req: Request, t: int, text: list[int], suffix: list[int], budget: list[int], stop: set[int],
+                       progress) -> tuple[int, bool]:
+    """Place ``t``, a sampled serial token of a model-driven answer (appended to ``text`` and ``suffix``, one off
+    ``budget[0]``); returns its slot and whether the answer ends on it (a ``stop`` token or the budget spent), with
+    ``req.stop_reason`` then set. Both engines (this one and the vLLM replay) place serial answer tokens here."""
+    budget[0] -= 1
+    suffix.append(t)
+    text.append(t)
+    last = req.place(t, sampled=True)
+    if progress is not None:
+        progress(1)
+    if t in stop or budget[0] <= 0:
+        req.end("eos" if t in stop else "max_new_tokens")
+        return last, True
+    return last, False
+
 class AspdMode(BranchesMode):
     @torch.inference_mode()
     def generate(
@@ -107,14 +124,8 @@ class AspdMode(BranchesMode):
                 break
             bias = grammar.serial_bias(text[-1], _title_open(text, tk))
             t = self._sample(req, logits, [last], params, gen, bias, processor)[0]
-            budget[0] -= 1
-            suffix.append(t)
-            text.append(t)
-            last = req.place(t, sampled=True)
-            if progress is not None:
-                progress(1)
-            if t in stop or budget[0] <= 0:
-                req.end("eos" if t in stop else "max_new_tokens")
+            last, ended = place_answer_token(req, t, text, suffix, budget, stop, progress)
+            if ended:
                 break
             if t == tk.para:
                 got = yield from self._section(req, text, grammar, max_branch_tokens, width, stop, params, gen,

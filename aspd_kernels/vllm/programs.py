@@ -28,6 +28,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from ..decoder.aspd import place_answer_token
 from ..decoder.engine import ParallelDecoder
 from ..decoder.request import Request
 from . import grammar as G
@@ -199,14 +200,8 @@ class EngineSampled(ParallelDecoder):
                 if req.room() < 1:
                     req.end("max_seq_len")
                     return req.result(sections, suffix, self._sync(), mode="aspd")
-                budget[0] -= 1
-                suffix.append(t)
-                text.append(t)
-                last = req.place(t, sampled=True)
-                if progress is not None:
-                    progress(1)
-                if t in stop or budget[0] <= 0:
-                    req.end("eos" if t in stop else "max_new_tokens")
+                last, ended = place_answer_token(req, t, text, suffix, budget, stop, progress)
+                if ended:
                     return req.result(sections, suffix, self._sync(), mode="aspd")
                 if t == tk.para:
                     para = True

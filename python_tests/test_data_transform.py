@@ -178,3 +178,13 @@ def test_lm_judge_answers_with_a_causal_lm(tok):
     # a threshold no logit gap reaches refuses, one every gap passes accepts: the answer is the logit comparison
     assert lm_judge(model, tok, threshold=1e9)("p", sec) is False
     assert lm_judge(model, tok, threshold=-1e9)("p", sec) is True
+
+
+def test_min_branches_keeps_short_lists_serial(tok):
+    two = "Tips:\n- Sleep: Go to bed early.\n- Food: Eat well."
+    assert transform(tok, 0, "p", two).parallel
+    ex = transform(tok, 0, "p", two, min_branches=3)
+    assert not ex.parallel and ex.refused == ["fewer than 3 items"] and tok.decode(ex.ids) == two
+    assert [len(s.items) for s in transform(tok, 0, "p", LIST, min_branches=3).sections] == [3]
+    with pytest.raises(ValueError, match="min_branches"):
+        check_section("p", transform(tok, 0, "p", LIST).sections[0], min_branches=1)

@@ -77,10 +77,14 @@ def dependence(section: Section) -> list[str]:
     return reasons
 
 
-def check_section(prompt: str, section: Section, judge: Judge | None = None) -> list[str]:
-    """All the reasons to refuse ``section`` as a parallel section (empty: accepted): the independence rules,
-    then ``judge(prompt, section)`` when given (False refuses)."""
-    reasons = dependence(section)
+def check_section(prompt: str, section: Section, judge: Judge | None = None, min_branches: int = 2) -> list[str]:
+    """All the reasons to refuse ``section`` as a parallel section (empty: accepted): fewer than ``min_branches``
+    items (ASPD's selection: a two-item list gains little from parallel decoding), the independence rules, then
+    ``judge(prompt, section)`` when given (False refuses)."""
+    if min_branches < 2:
+        raise ValueError(f"min_branches must be at least 2, got {min_branches}")
+    reasons = [f"fewer than {min_branches} items"] if len(section.items) < min_branches else []
+    reasons += dependence(section)
     if not reasons and judge is not None and not judge(prompt, section):
         reasons.append("the judge found the items dependent")
     return reasons

@@ -90,9 +90,10 @@ def _norm(title: str) -> str:
 
 
 def transform(tokenizer, example_id, prompt: str, answer: str, *, finished: bool = True,
-              judge: Judge | None = None, tokens=None) -> Example | None:
+              judge: Judge | None = None, tokens=None, min_branches: int = 2) -> Example | None:
     """Transform one (prompt, answer) pair. ``tokenizer`` must hold the six ASPD tokens. ``finished=False``: the
-    answer was cut by a token cap, so its last line is dropped first (None when nothing is left).
+    answer was cut by a token cap, so its last line is dropped first (None when nothing is left). A section with
+    fewer than ``min_branches`` items stays plain text.
 
     Raises ``ValueError`` naming ``example_id`` for a prompt or answer that is not a non-empty string, and if the
     ASPD-format answer fails to read back to the text (a bug, never expected)."""
@@ -113,7 +114,7 @@ def transform(tokenizer, example_id, prompt: str, answer: str, *, finished: bool
     kept: list = []
     for i, p in enumerate(pieces):
         if isinstance(p, Section):
-            reasons = check_section(prompt, p, judge)
+            reasons = check_section(prompt, p, judge, min_branches)
             nxt = pieces[i + 1] if i + 1 < len(pieces) else None
             if isinstance(nxt, str) and not nxt.startswith(AFTER_PARA):
                 reasons.append("the text after the list does not start on a new line")
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in", dest="src", default=".aspd_data/serial.jsonl")
     p.add_argument("--out", default=".aspd_data/aspd.jsonl")
     p.add_argument("--model", default="smollm2", help="its tokenizer (the six tokens are added)")
+    p.add_argument("--min-branches", type=int, default=2, help="a list with fewer items stays plain text")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     add_aspd_tokens(tok)
     out = []
     for row in load_jsonl(args.src):
-        ex = transform(tok, row.get("id"), row.get("prompt"), row.get("answer"), finished=row.get("finished", True))
+        ex = transform(tok, row.get("id"), row.get("prompt"), row.get("answer"), finished=row.get("finished", True),
+                       min_branches=args.min_branches)
         if ex is not None:
             out.append(ex)
     with open(args.out, "w") as f:

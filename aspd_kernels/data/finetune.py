@@ -71,6 +71,7 @@ def build_examples(tok, tokens, rows: list[dict], max_len: int) -> list[dict]:
         if len(p) + len(a) <= max_len:
             ex = ah.build_example(p, a, tokens)
             ex["parallel"] = r["parallel"]
+            ex["has_list"] = bool(r.get("refused"))
             out.append(ex)
     return out
 
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-layers", type=int, default=12)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--minutes", type=float, default=0.0, help="stop (and save) after this much wall-clock")
-    p.add_argument("--max-serial", type=int, default=-1, help="keep at most this many serial examples (-1: all)")
+    p.add_argument("--max-serial", type=int, default=-1, help="keep at most this many serial examples (-1: all), "
+                                                                "those without a refused list first")
     p.add_argument("--parallel-weight", type=int, default=2, help="each parallel example appears this many times "
                                                                    "per epoch (serial ones once)")
     p.add_argument("--threads", type=int, default=2)
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_serial >= 0:
         serial = [e for e in examples if not e["parallel"]]
         random.Random(args.seed).shuffle(serial)
+        # answers without a refused list first: a serial list taught beside parallel ones of the same kind would
+        # teach the model to decode lists serially half the time
+        serial.sort(key=lambda e: e["has_list"])
         examples = [e for e in examples if e["parallel"]] + serial[: args.max_serial]
     n_par = sum(e["parallel"] for e in examples)
     print(f"{len(examples)} examples ({n_par} parallel, {len(examples) - n_par} serial) of {len(rows)} rows; "
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             order = [e for e in examples for _ in range(args.parallel_weight if e["parallel"] else 1)]
             rng.shuffle(order)
             for grp in ah.group_by_tokens(order, args.row_tokens):
-                yield collate([{k: v for k, v in e.items() if k != "parallel"} for e in grp])
+                yield collate([{k: v for k, v in e.items() if k not in ("parallel", "has_list")} for e in grp])
 
     os.makedirs(args.out, exist_ok=True)
     model.train()

@@ -17,9 +17,9 @@ from .config import ModelConfig
 from .engine import ParallelDecoder
 from .model import Transformer
 from .plan_format import YU_INSTRUCTION, PlanFormat, PlanGrammar
-from .processors import distinct_starts
+from .processors import distinct_starts, no_sibling_repeat
 from .result import DecodeResult
 from .sampling import Grammar, SamplingParams, sample
 
 __all__ = ["ParallelDecoder", "DecodeResult", "ModelConfig", "Transformer", "Grammar", "SamplingParams", "sample",
-           "PlanFormat", "PlanGrammar", "YU_INSTRUCTION", "distinct_starts"]
+           "PlanFormat", "PlanGrammar", "YU_INSTRUCTION", "distinct_starts", "no_sibling_repeat"]

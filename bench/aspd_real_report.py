@@ -106,7 +106,9 @@ def write_report(stem: str, recs: list[dict], summary: dict, env: dict, args) ->
           f"- versions: {env['versions']}",
           f"- command: `{env['command']}`",
           f"- fine-tuned checkpoint: `{args.ft}`; max new tokens {args.max_new_tokens}, max branch tokens "
-          f"{args.max_branch_tokens}; greedy; wall-clock = `DecodeResult.total_s` (prefill included), modes "
+          f"{args.max_branch_tokens}; greedy; "
+          + (f"ft-aspd with `no_sibling_repeat(tokens, {args.sibling_ngram})`; " if args.sibling_ngram else "")
+          + "wall-clock = `DecodeResult.total_s` (prefill included), modes "
           "interleaved prompt by prompt\n",
           table(summary), "",
           f"![speedup and quality]({os.path.basename(stem)}.png)\n",

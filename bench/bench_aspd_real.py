@@ -40,9 +40,26 @@ def parse(argv):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-branch-tokens", type=int, default=64)
     p.add_argument("--max-plan-tokens", type=int, default=80)
+    p.add_argument("--sibling-ngram", type=int, default=0, metavar="N",
+                   help="ft-aspd decodes with decoder.no_sibling_repeat(tokens, N): no branch writes an N-gram a "
+                        "sibling wrote (0: off)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results")
-    return p.parse_args(argv)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="decode only every N-th prompt from the I-th (0-based) and write its records alone "
+                        "(<stem>.shardIofN.jsonl), so N processes on N cores share the set; --merge reports them")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSONL",
+                   help="write the report from these shards' records instead of decoding")
+    args = p.parse_args(argv)
+    if args.shard is not None:
+        try:
+            i, n = (int(x) for x in args.shard.split("/"))
+            if not 0 <= i < n:
+                raise ValueError
+        except ValueError:
+            p.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+        args.shard = (i, n)
+    return args
 
 
 def ban(ids: list[int]):
@@ -58,7 +75,7 @@ def run(args) -> list[dict]:
     from aspd_kernels.data.aspd_text import data_tokens
     from aspd_kernels.data.distill import chat_ids
     from aspd_kernels.data.prompts import load_prompts
-    from aspd_kernels.decoder import YU_INSTRUCTION, ParallelDecoder, PlanFormat
+    from aspd_kernels.decoder import YU_INSTRUCTION, ParallelDecoder, PlanFormat, no_sibling_repeat
     from aspd_kernels.models import resolve_model_path
 
     base_path = resolve_model_path(args.base)
@@ -70,6 +87,8 @@ def run(args) -> list[dict]:
     plan = PlanFormat.yu(tok_b)
     held = load_prompts("heldout")
     rows = [r for r in held if r["list"]][: args.lists] + [r for r in held if not r["list"]][: args.others]
+    if args.shard is not None:
+        rows = rows[args.shard[0]::args.shard[1]]
     n, mb = args.max_new_tokens, args.max_branch_tokens
     banned = ban(list(tokens.as_tuple()))
     dec_b.generate_serial(chat_ids(tok_b, "Hi."), 4, eos_token_id=eos)  # warm-up: first-call costs off the clock
@@ -80,8 +99,10 @@ def run(args) -> list[dict]:
         pp = chat_ids(tok_b, f"{r['prompt']}\n{YU_INSTRUCTION}")
         recs, cpu = [], []
         for call in (
-            lambda: aspd_record(tok_f, tokens, dec_f.generate(p, n, tokens, eos_token_id=eos,
-                                                              max_branch_tokens=mb), len(p), "ft-aspd", eos),
+            lambda: aspd_record(tok_f, tokens, dec_f.generate(
+                p, n, tokens, eos_token_id=eos, max_branch_tokens=mb,
+                logits_processor=no_sibling_repeat(tokens, args.sibling_ngram) if args.sibling_ngram else None),
+                len(p), "ft-aspd", eos),
             lambda: serial_record(tok_f, dec_f.generate_serial(p, n, eos_token_id=eos, logits_processor=banned),
                                   len(p), "ft-serial", eos),
             lambda: serial_record(tok_b, dec_b.generate_serial(p, n, eos_token_id=eos), len(p), "base-serial", eos),
@@ -167,10 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from .aspd_real_report import write_report
 
-    recs = run(args)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{date}-cpu-aspd-real")
+    if args.merge:
+        recs = [json.loads(line) for path in args.merge for line in open(path) if line.strip()]
+    else:
+        recs = run(args)
+    if args.shard is not None:
+        path = f"{stem}.shard{args.shard[0]}of{args.shard[1]}.jsonl"
+        with open(path, "w") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+        print(f"{len(recs)} records -> {path}")
+        return 0
     with open(stem + ".jsonl", "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")

@@ -7,7 +7,7 @@ table: pass/fail per case for both runs and the largest difference between the t
 Downloads nothing. vLLM's test files are not part of this repository: pass the folder that holds them (a vLLM
 checkout, or the files copied into ``DIR/tests/v1/attention/``):
 
-    nice -n 15 python bench/vllm_harness.py --vllm-tests /tmp/vllm_tests --vllm-commit 2d7cd76 \\
+    nice -n 15 python bench/vllm_harness.py --vllm-tests /tmp/vllm_tests --vllm-commit "vllm-project/vllm 2d7cd76" \\
         --out bench/results/2026-12-02-cpu-vllm-harness.md
 
 The files are copied to a scratch folder and adapted there to run on a CPU, each adaptation an exact text
@@ -220,7 +220,7 @@ def section(src: Path, block_size: int, select: str, timeout: float, backend: st
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vllm-tests", required=True, type=Path, help="folder holding tests/v1/attention/ of vLLM")
-    ap.add_argument("--vllm-commit", default="?", help="the vLLM commit the test files come from (for the report)")
+    ap.add_argument("--vllm-commit", default="?", help="where the test files come from: vLLM commit(s), changes (free text for the report)")
     ap.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     ap.add_argument("-k", dest="select", default=SELECT, help=f"pytest -k selection (default: {SELECT!r})")
     ap.add_argument("--block-sizes", default="16,32", help="comma-separated; 16 is the harness's own default")
@@ -244,10 +244,10 @@ def main(argv=None) -> int:
         "# vLLM's attention backend-correctness harness on CPU_ATTN: stock vs. with aspd_kernels' plugin", "",
         f"- date: {t0:%Y-%m-%d}; device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
         f"vllm {vllm.__version__}, torch {torch.__version__}; aspd_kernels commit {commit}",
-        f"- vLLM test files: `{HARNESS}`, `tests/v1/attention/utils.py`, `tests/v1/attention/conftest.py` from "
-        f"vllm-project/vllm @ {args.vllm_commit}; cases `-k \"{args.select}\"`; Llama-3-8B attention shape (32 "
-        "query / 8 KV heads, head size 128), dtype auto = bfloat16",
-        f"- command: `nice -n 15 python bench/vllm_harness.py --vllm-tests DIR --vllm-commit {args.vllm_commit} "
+        f"- vLLM test files (`{HARNESS}`, `tests/v1/attention/utils.py`, `tests/v1/attention/conftest.py`): "
+        f"{args.vllm_commit}; cases `-k \"{args.select}\"`; Llama-3-8B attention shape (32 query / 8 KV heads, "
+        "head size 128), dtype auto = bfloat16",
+        f"- command: `nice -n 15 python bench/vllm_harness.py --vllm-tests DIR --vllm-commit \"...\" "
         f"-k \"{args.select}\" --block-sizes {args.block_sizes} --out {args.out}` ({secs:.0f} s)",
         "- stock: `VLLM_PLUGINS=lora_filesystem_resolver` (an allowlist without `aspd_kernels`), CPU_ATTN = "
         "`CPUAttentionBackend`; plugin: `VLLM_PLUGINS` unset, every installed plugin loaded as vLLM loads them, "

@@ -1,9 +1,12 @@
 """The plugin's attention backend against vLLM's own CPU attention (``CPU_ATTN``), in process, no engine: the same
 paged batch (mixed query and context lengths, a shuffled block table) through both backends' builder, cache writer
-and forward, as vLLM's ``tests/v1/attention`` backend-correctness harness drives them.
+and forward, as vLLM's ``tests/v1/attention`` backend-correctness harness drives them (that harness itself:
+``bench/vllm_harness.py``).
 
-- causal and non-causal (``CommonAttentionMetadata.causal`` False, and a per-request tensor), ``auto`` cache: ours
-  equals stock to float tolerance, and both equal a float64 dense reference (non-causal never comes out causal);
+- a step without a layout (causal, non-causal, per-request causality; ``auto`` cache) is CPU_ATTN's, bit for bit,
+  and right (a float64 dense reference; non-causal never comes out causal);
+- a step with a layout runs the op over CPU_ATTN's own (key-packed) cache: equal to the reference under the branch
+  mask, for every ISA key packing this machine has (block sizes 16 and 32);
 - fp8 cache and a sliding window (what the op does not compute): the layer *is* stock CPU_ATTN, bit for bit;
 - a step carrying a layout on such a layer, or non-causal, raises instead of ignoring it.
 """
@@ -23,7 +26,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # noqa: E40
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 from vllm_helpers import save_tiny  # noqa: E402
 
-from aspd_kernels.vllm.backend import AspdAttentionBackend  # noqa: E402
+from aspd_kernels.vllm.backend import AspdAttentionBackend, _IdCache  # noqa: E402
 from aspd_kernels.vllm.layout import StepIds  # noqa: E402
 
 HQ, HKV, D, BS, NBLK = 4, 2, 32, 32, 24  # the tiny Llama's attention shape; 32-token blocks
@@ -83,7 +86,8 @@ def _run(backend, cfg, m, slots_all, seq, qlen, dtype, cache_dtype, window=None,
     return out, (q_all, k_all, v_all)
 
 
-def _reference(qkv, seq, qlen, causal, window=None) -> torch.Tensor:
+def _reference(qkv, seq, qlen, causal, window=None, ids=None) -> torch.Tensor:
+    """Dense float64 attention; ``ids[b]`` = (segment, branch) of request b's new tokens (its context is 0/0)."""
     q_all, k_all, v_all = qkv
     outs = []
     for b, (s, n) in enumerate(zip(seq, qlen)):
@@ -96,6 +100,9 @@ def _reference(qkv, seq, qlen, causal, window=None) -> torch.Tensor:
         keep = (kpos <= qpos) if c else torch.ones(n, s, dtype=torch.bool)
         if window is not None:
             keep &= kpos > qpos - window
+        if ids is not None:
+            sg, bb = (torch.cat([torch.zeros(s - n, dtype=torch.long), torch.from_numpy(x).long()]) for x in ids[b])
+            keep &= (sg[None, :] != sg[s - n:, None]) | (bb[None, :] == bb[s - n:, None])
         outs.append((sc.masked_fill(~keep, float("-inf")).softmax(-1) @ v).transpose(0, 1))
     return torch.cat(outs)
 
@@ -110,11 +117,40 @@ def test_auto_cache_equals_stock_and_reference(model_dir, dtype, causal):
     m, slots, seq, qlen = _batch(c)
     stock, qkv = _run(CPUAttentionBackend, cfg, m, slots, seq, qlen, tdt, "auto")
     ours, _ = _run(AspdAttentionBackend, cfg, m, slots, seq, qlen, tdt, "auto")
-    ref = _reference(qkv, seq, qlen, c)
+    tol = 2e-5 if dtype == "float32" else 2e-2
+    assert (stock.double() - _reference(qkv, seq, qlen, c)).abs().max() < tol
+    assert torch.equal(ours, stock)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_layout_step_reads_cpu_attn_cache_under_the_branch_mask(model_dir, dtype, block_size, monkeypatch):
+    """The whole-prefill request's new tokens form two branches of one section (segment 1): branch 2 must not see
+    branch 1; everything else (the other requests, all context) is plain (ids 0/0)."""
+    monkeypatch.setitem(globals(), "BS", block_size)
+    _IdCache.seg = _IdCache.br = None  # no ids left over from another test
+    m, slots, seq, qlen = _batch(True)
+    n = int(m.query_start_loc_cpu[-1])
+    seg, br = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    start = int(m.query_start_loc_cpu[2])  # request 2: 37 new tokens, no context
+    seg[start:start + 37], br[start:start + 20], br[start + 20:start + 37] = 1, 1, 2
+    StepIds.seg, StepIds.br, StepIds.has_layout = seg, br, True
+    try:
+        cfg = _config(model_dir, dtype, "auto")
+        tdt = getattr(torch, dtype)
+        ours, qkv = _run(AspdAttentionBackend, cfg, m, slots, seq, qlen, tdt, "auto")
+        stock, _ = _run(CPUAttentionBackend, cfg, m, slots, seq, qlen, tdt, "auto")
+    finally:
+        StepIds.seg, StepIds.br, StepIds.has_layout = np.zeros(0, np.int32), np.zeros(0, np.int32), False
+    ids = [(seg[a:a + q], br[a:a + q]) for a, q in zip(m.query_start_loc_cpu[:-1].tolist(), qlen)]
+    ref = _reference(qkv, seq, qlen, True, ids=ids)
     tol = 2e-5 if dtype == "float32" else 2e-2
     assert (ours.double() - ref).abs().max() < tol
-    assert (stock.double() - ref).abs().max() < tol
-    torch.testing.assert_close(ours, stock, atol=tol, rtol=0)
+    # the mask mattered: stock (plain causal) differs on branch 2's rows only
+    rows = torch.zeros(n, dtype=torch.bool)
+    rows[start + 20:start + 37] = True
+    assert (stock[rows].double() - ref[rows]).abs().max() > 10 * tol
+    assert (stock[~rows].double() - ref[~rows]).abs().max() < tol
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -1,25 +1,26 @@
-"""A vLLM v1 attention backend on ``branch_attention_with_kvcache`` over vLLM's own paged KV cache, and vLLM's own
-CPU attention (``CPU_ATTN``) for everything the op does not do.
+"""A vLLM v1 attention backend: vLLM's own CPU attention (``CPU_ATTN``) for every step without a request layout,
+``branch_attention_with_kvcache`` over vLLM's paged KV cache for the steps that carry one.
 
 vLLM gives the backend, per step: packed queries ``[T, Hq, D]``, ``query_start_loc`` ``[B+1]``, ``seq_lens`` ``[B]``,
 the block table ``[B, max_blocks]`` and the slot of every new token (``slot_mapping [T]``). Two int32 id caches
 ``[num_blocks, block_size]`` (segment, branch of every KV slot) sit beside vLLM's KV cache, written with the same
-slot mapping; the branch mask is computed from them inside the op, no dense mask anywhere. A request without a
-layout has ids 0/0 everywhere, which is plain causal attention: then this backend computes what vLLM's own does.
+slot mapping on every step (a slot freed by a branch and reused by plain text must read 0/0 again); the branch mask
+is computed from them inside the op, no dense mask anywhere.
 
 Which layers are ours. A layer is "ours" when the op computes it exactly: decoder self-attention, an unquantized
 cache (``kv_cache_dtype="auto"``), no sliding window, ALiBi, soft-capping or sinks. Every other layer (an fp8
 cache, a windowed or encoder/cross layer...) *is* vLLM's CPU_ATTN: the impl and builder subclass it and defer to it
-wholesale, so with this package installed vLLM serves those models exactly as without it; a request carrying a
-layout that reaches such a layer raises (the front-end check, ``layout.refusal``, normally refuses it earlier). The
-capability flags are CPU_ATTN's, and true: what ours do not do, CPU_ATTN does.
+wholesale; a request carrying a layout that reaches such a layer raises (the front-end check, ``layout.refusal``,
+normally refuses it earlier). The capability flags are CPU_ATTN's, and true: what ours do not do, CPU_ATTN does.
 
-On our layers the KV cache keeps CPU_ATTN's shape (``[num_blocks, Hkv, block_size, 2*D]``: per block and head, the
-keys then the values), so vLLM's allocator, profiler and block zeroing work unchanged, but rows are written plainly
-(CPU_ATTN's writer packs the keys for its ISA), and the op reads them through a ``[num_blocks, block_size, Hkv, D]``
-view. A non-causal step (``CommonAttentionMetadata.causal`` False or a per-request tensor, which vLLM's attention
-tests and bidirectional prefixes use) on such a layer runs a dense torch path over the same paged cache: still
-exact, never silently causal; with a layout in it, it raises.
+On our layers too the cache is CPU_ATTN's, written by CPU_ATTN's writer, and a step without a layout (plain text,
+causal or not, vLLM's own tests) runs CPU_ATTN's kernel: with this package installed such steps give vLLM's bits.
+A step with a layout runs the op. CPU_ATTN's writer packs each block's keys for its ISA (values stay plain
+rows), so the op reads the step's blocks through an unpacked copy of their keys: the packing is a permutation
+within a block and head, learnt once per (ISA, dtype, block size, head size) by writing index-valued keys through
+CPU_ATTN's writer (:func:`_key_order`). That costs one copy of the step's keys per layer, on layout steps only,
+and keeps one cache format for plain and layout requests (their full blocks are shared through the prefix cache).
+A non-causal step with a layout raises.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ class AspdStep:
     causal: torch.Tensor
     all_causal: bool
     has_layout: bool
+    # the step's blocks, renumbered (used block ids, local table, their ids): the same for every layer, built by
+    # the first one, so every layer passes the op the same table and ids and shares its per-step plan
+    blocks: tuple | None = None
 
 
 @dataclass
@@ -112,14 +116,6 @@ class _IdCache:
         return cls.seg, cls.br
 
 
-def _split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[num_blocks, Hkv, block_size, 2*D]`` -> key and value views ``[num_blocks, block_size, Hkv, D]``."""
-    nb, hkv, bs, d2 = kv_cache.shape
-    kv = kv_cache.view(nb, hkv, 2 * bs, d2 // 2)
-    k, v = kv[:, :, :bs], kv[:, :, bs:]
-    return k.transpose(1, 2), v.transpose(1, 2)
-
-
 def why_not_ours(head_size: int, alibi_slopes, sliding_window, kv_cache_dtype: str, logits_soft_cap, attn_type,
                  sinks) -> list[str]:
     """The settings of a layer that the op does not compute (empty: the layer is ours)."""
@@ -154,75 +150,84 @@ class AspdAttentionImpl(CPUAttentionBackendImpl):
                                     attn_type, sinks)
         self.ours = not self.why_not
 
-    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Write the new tokens' keys and values (``[T, Hkv, D]``) at their slots (plain rows on our layers)."""
-        if not self.ours:
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        k_cache, v_cache = _split_cache(kv_cache)
-        bs = k_cache.shape[1]
-        n = slot_mapping.shape[0]
-        slots = slot_mapping.long()
-        blk, off = slots // bs, slots % bs
-        k_cache[blk, off] = key[:n].to(k_cache.dtype)
-        v_cache[blk, off] = value[:n].to(v_cache.dtype)
-
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AspdMetadata | None, output: torch.Tensor, output_scale=None,
                 output_block_scale=None) -> torch.Tensor:
-        """query ``[T, Hq, D]`` (new tokens, packed); output ``[T, Hq, D]`` written in place."""
+        """query ``[T, Hq, D]`` (new tokens, packed); output ``[T, Hq, D]`` written in place. The new tokens' K/V
+        are already in the cache (CPU_ATTN's ``do_kv_cache_update``, which this impl keeps)."""
         step = getattr(attn_metadata, "aspd", None)
-        if not self.ours or attn_metadata is None or output_scale is not None or output_block_scale is not None:
-            if step is not None and step.has_layout:
-                raise ValueError(f"a request carrying an aspd layout reached an attention layer the branch mask "
-                                 f"cannot apply to: {', '.join(self.why_not) or 'fused output quantization'}")
+        if step is not None and step.has_layout and (not self.ours or output_scale is not None
+                                                     or output_block_scale is not None):
+            raise ValueError(f"a request carrying an aspd layout reached an attention layer the branch mask "
+                             f"cannot apply to: {', '.join(self.why_not) or 'fused output quantization'}")
+        if self.ours and step is not None:
+            n = attn_metadata.num_actual_tokens
+            seg_cache, br_cache = _IdCache.get(kv_cache.shape[0], kv_cache.shape[2], kv_cache.device)
+            # every layer writes the same ids; doing it here keeps the builder free of the cache
+            slots = attn_metadata.slot_mapping[:n].long()
+            seg_cache.view(-1)[slots] = step.seg
+            br_cache.view(-1)[slots] = step.br
+        if step is None or not step.has_layout or not self.ours:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        md = attn_metadata
-        n = md.num_actual_tokens
-        k_cache, v_cache = _split_cache(kv_cache)
-        seg_cache, br_cache = _IdCache.get(k_cache.shape[0], k_cache.shape[1], kv_cache.device)
-        # every layer writes the same ids; doing it here keeps the builder free of the cache
-        slots = md.slot_mapping[:n].long()
-        seg_cache.view(-1)[slots] = step.seg
-        br_cache.view(-1)[slots] = step.br
+        n = attn_metadata.num_actual_tokens
+        k_cache, v_cache, seg, br, table = _gather_blocks(kv_cache, step, seg_cache, br_cache,
+                                                          _key_order(layer.isa, kv_cache.dtype, kv_cache.shape[2],
+                                                                     self.head_size))
         nreq = step.q_seqlens.shape[0]
         max_q = int(step.q_seqlens.max()) if nreq else 0
         q = query.new_zeros(nreq, max_q, self.num_heads, self.head_size)
         q[step.q_b, step.q_i] = query[:n]
-        if step.all_causal:
-            out = branch_attention_with_kvcache(q, k_cache, v_cache, step.seq_lens, seg_cache, br_cache, self.scale,
-                                                step.q_seqlens, step.block_table, check_values=False)
-        else:
-            out = _dense_paged(q, k_cache, v_cache, step.seq_lens, step.q_seqlens, step.block_table, step.causal,
-                               self.scale)
+        out = branch_attention_with_kvcache(q, k_cache, v_cache, step.seq_lens, seg, br, self.scale,
+                                            step.q_seqlens, table, check_values=False)
         output[:n] = out[step.q_b, step.q_i].reshape(output[:n].shape)
         return output
 
 
-def _dense_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                 q_lens: torch.Tensor, block_table: torch.Tensor, causal: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of ``q [B, Lq, Hq, D]`` (the last ``q_lens[b]`` of ``seq_lens[b]`` tokens) over each request's
-    paged keys, causal where ``causal[b]``, else over all ``seq_lens[b]`` keys. Same shape as ``q``; padding 0."""
-    out = torch.zeros_like(q)
-    bs = k_cache.shape[1]
-    for b in range(q.shape[0]):
-        n, lq = int(seq_lens[b]), int(q_lens[b])
-        if lq == 0:
-            continue
-        blocks = block_table[b, :(n + bs - 1) // bs].long()
-        k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:n]  # [n, Hkv, D]
-        v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:n]
-        rep = q.shape[2] // k.shape[1]
-        qq = q[b, :lq].transpose(0, 1).float()  # [Hq, lq, D]
-        kk = k.repeat_interleave(rep, dim=1).transpose(0, 1).float()
-        vv = v.repeat_interleave(rep, dim=1).transpose(0, 1).float()
-        s = qq @ kk.transpose(1, 2) * scale  # [Hq, lq, n]
-        if bool(causal[b]):
-            keep = torch.arange(n)[None, :] <= torch.arange(n - lq, n)[:, None]
-            s = s.masked_fill(~keep, float("-inf"))
-        out[b, :lq] = (s.softmax(-1) @ vv).transpose(0, 1).to(q.dtype)
-    return out
+_KEY_ORDER: dict[tuple, torch.Tensor] = {}
+
+
+def _key_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> torch.Tensor:
+    """``order`` with ``packed_block_head.view(-1)[order]`` = that block and head's keys as plain
+    ``[block_size, head_size]`` rows, for CPU_ATTN's writer at this ISA. Learnt by writing keys whose values are
+    their own index (7 bits per pass, exact in every float dtype) through the writer."""
+    key = (isa, dtype, block_size, head_size)
+    if key not in _KEY_ORDER:
+        from vllm import _custom_ops as ops
+
+        n = block_size * head_size
+        idx = torch.arange(n)
+        where = torch.zeros(n, dtype=torch.long)
+        for p in range(3):
+            kv = torch.zeros(1, 1, 2 * block_size, head_size, dtype=dtype)
+            digits = ((idx >> (7 * p)) & 127).to(dtype).view(block_size, 1, head_size)
+            ops.cpu_attn_reshape_and_cache(digits, torch.zeros_like(digits), kv[:, :, :block_size],
+                                           kv[:, :, block_size:], torch.arange(block_size), isa, k_scale=1.0,
+                                           v_scale=1.0, kv_cache_dtype="auto")
+            where |= kv[0, 0, :block_size].reshape(-1).long() << (7 * p)
+        if not torch.equal(where.sort().values, idx):
+            raise RuntimeError(f"CPU_ATTN's key packing for isa={isa!r} is not a permutation of a block's keys")
+        order = torch.empty(n, dtype=torch.long)
+        order[where] = idx
+        _KEY_ORDER[key] = order
+    return _KEY_ORDER[key]
+
+
+def _gather_blocks(kv_cache: torch.Tensor, step: AspdStep, seg_cache: torch.Tensor, br_cache: torch.Tensor,
+                   order: torch.Tensor):
+    """The step's blocks of a CPU_ATTN cache ``[num_blocks, Hkv, block_size, 2*D]`` as the op's paged inputs: keys
+    unpacked and values, ``[n, block_size, Hkv, D]`` each, their ids, and the block table renumbered to them."""
+    nb, hkv, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    if step.blocks is None:
+        need = (int(step.seq_lens.max()) + bs - 1) // bs if step.seq_lens.numel() else 0
+        table = step.block_table[:, :need]
+        used, local = torch.unique(table.long(), return_inverse=True)
+        step.blocks = (used, local.to(torch.int32).view(table.shape), seg_cache[used], br_cache[used])
+    used, table, seg, br = step.blocks
+    kv = kv_cache.view(nb, hkv, 2 * bs, d)[used]
+    k = kv[:, :, :bs].reshape(len(used), hkv, bs * d)[:, :, order].view(len(used), hkv, bs, d)
+    return k.transpose(1, 2), kv[:, :, bs:].transpose(1, 2), seg, br, table
 
 
 class AspdAttentionBackend(CPUAttentionBackend):

@@ -74,6 +74,9 @@ async def _stop_output_handler(engine) -> None:
         await asyncio.gather(handler, return_exceptions=True)
 
 
+_OMP_OURS = [""]  # the VLLM_CPU_OMP_THREADS_BIND values this module set ("": unset)
+
+
 def _omp_bind(tp: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` CPU workers: the cores split in ``tp`` ranges ("0|1" on 2 cores);
     vLLM's default asks for one NUMA node per worker, which a small machine lacks."""
@@ -120,8 +123,10 @@ class VllmDecoder(EngineSampled):
         self.timeout = request_timeout_s
         self.extra_args = dict(extra_args or {})
         self.counters = Counters()
-        if tensor_parallel_size > 1:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _omp_bind(tensor_parallel_size))
+        if tensor_parallel_size > 1 and os.environ.get("VLLM_CPU_OMP_THREADS_BIND", _OMP_OURS[0]) in _OMP_OURS:
+            # a caller's own binding wins; one we set for an earlier engine follows this engine's worker count
+            _OMP_OURS.append(_omp_bind(tensor_parallel_size))
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _OMP_OURS[-1]
         self._loop = _Loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_batch, thread_name_prefix="aspd-req")
         self.engine = None

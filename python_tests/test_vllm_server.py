@@ -34,27 +34,34 @@ def _deadline(request):
         yield
 
 
+def serving(path: str, ref, tp: int, log_dir: str, label: str):
+    """Start a ``vllm serve`` of ``path`` at tensor parallelism ``tp`` with the forcing processors, yield ``(ref,
+    VllmDecoder on it)``, then stop it: start and stop under deadlines, the server gone afterwards."""
+    # a binding set in this process for an earlier engine would give this server another number of CPU groups
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p),
+           "VLLM_CPU_OMP_THREADS_BIND": _omp_bind(tp)}
+    extra = ["--tensor-parallel-size", str(tp), "--enforce-eager", "--max-num-batched-tokens", "64",
+             "--kv-cache-memory-bytes", str(256 << 20), "--logits-processors", FORCING,
+             "--logprobs-mode", "processed_logprobs"]
+    srv = VllmServer(path, max_model_len=512, env=env, extra=extra, start_timeout_s=START_LIMIT_S,
+                     log=os.path.join(log_dir, "serve.log"))
+    with _Deadline(START_LIMIT_S + 30, f"starting vllm serve ({label})"):
+        srv.start()
+    dec = VllmDecoder(path, max_model_len=512, server=srv.url, request_timeout_s=TEST_LIMIT_S)
+    try:
+        yield ref, dec
+    finally:
+        dec.close()
+        with _Deadline(120, f"stopping vllm serve ({label})"):
+            srv.stop()
+        assert srv.proc.poll() is not None, "vllm serve is still running"
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("served"))
     model = save_tiny("llama", path, seed=0)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p),
-           "VLLM_CPU_OMP_THREADS_BIND": _omp_bind(2)}
-    extra = ["--tensor-parallel-size", "2", "--enforce-eager", "--max-num-batched-tokens", "64",
-             "--kv-cache-memory-bytes", str(256 << 20), "--logits-processors", FORCING,
-             "--logprobs-mode", "processed_logprobs"]
-    srv = VllmServer(path, max_model_len=512, env=env, extra=extra, start_timeout_s=START_LIMIT_S,
-                     log=str(tmp_path_factory.mktemp("log") / "serve.log"))
-    with _Deadline(START_LIMIT_S + 30, "starting vllm serve"):
-        srv.start()
-    dec = VllmDecoder(path, max_model_len=512, server=srv.url, request_timeout_s=TEST_LIMIT_S)
-    try:
-        yield decoder(model), dec
-    finally:
-        dec.close()
-        with _Deadline(120, "stopping vllm serve"):
-            srv.stop()
-        assert srv.proc.poll() is not None, "vllm serve is still running"
+    yield from serving(path, decoder(model), 2, str(tmp_path_factory.mktemp("log")), "tiny Llama")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

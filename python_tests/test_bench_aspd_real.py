@@ -1,0 +1,57 @@
+"""bench_aspd_real's summary on hand-made records: speedups, Amdahl share, repetition and the no_sibling_repeat
+variant's rows; and aspd_kernels.cpu's dtype choice."""
+import pytest
+import torch
+
+from aspd_kernels.cpu import native_bf16, resolve_dtype
+from bench.aspd_real_report import table
+from bench.bench_aspd_real import NR, summarize
+
+
+def _rec(i, mode, s, tokens, fp, sections=(), branch_tokens=0, repeats=(), ll=-1.0, lst=True):
+    return {"id": i, "mode": mode, "s": s, "cpu_s": s, "tokens": tokens, "forward_passes": fp,
+            "sections": list(sections), "branch_tokens": branch_tokens, "repeats": list(repeats), "parses": True,
+            "base_logprob": ll, "list": lst, "prompt": f"p{i}", "text": "t"}
+
+
+def _records(with_nr: bool):
+    recs = []
+    for i, (sa, ss) in enumerate([(2.0, 3.0), (1.0, 2.0)]):
+        recs += [_rec(i, "ft-aspd", sa, 100, 50, [4], 80, [i == 0], ll=-1.2),
+                 _rec(i, "ft-serial", ss, 90, 90, ll=-1.0), _rec(i, "base-serial", 3.0, 95, 95, ll=-0.8),
+                 _rec(i, "base-plan", 1.5, 60, 60, ll=-0.9)]
+        if with_nr:
+            recs.append(_rec(i, NR, sa / 2, 100, 40, [3], 70, [False], ll=-1.1))
+    return recs
+
+
+def test_summary_figures():
+    s = summarize(_records(with_nr=False))["list"]
+    assert s["prompts"] == 2
+    assert s["speedup_mean"] == pytest.approx((1.5 + 2.0) / 2)
+    assert s["speedup_set"] == pytest.approx(5.0 / 3.0)
+    assert s["tokens_per_fp"] == pytest.approx(200 / 100)
+    assert s["parallel_token_share"] == pytest.approx(0.8)
+    assert s["amdahl_k"] == pytest.approx(1 / (0.2 + 0.8 / 4))
+    assert s["repeat_share"] == pytest.approx(0.5)
+    assert s["ll_ft_aspd_parallel_only"] == pytest.approx(-1.2)
+    assert s["ll_ft_serial_same_prompts"] == pytest.approx(-1.0)
+    assert s["plan_speedup_mean"] == pytest.approx(2.0)
+    assert "speedup_mean_nr" not in s and "no_sibling_repeat" not in table(summarize(_records(False)))
+
+
+def test_summary_with_the_sibling_ban_variant():
+    summary = summarize(_records(with_nr=True))
+    s = summary["list"]
+    assert s["speedup_mean_nr"] == pytest.approx((3.0 + 4.0) / 2)
+    assert s["repeat_share_nr"] == 0.0 and s["branches_per_section_nr"] == 3
+    assert s["ll_nr"] == pytest.approx(-1.1)
+    assert s["speedup_mean"] == pytest.approx(1.75)  # the plain variant's figures are untouched
+    assert "`generate` + `no_sibling_repeat`: speedup per answer: mean** | 3.50" in table(summary)
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("float32") is torch.float32 and resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("auto") is (torch.bfloat16 if native_bf16() else torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("float16")

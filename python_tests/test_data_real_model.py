@@ -56,3 +56,44 @@ def test_batched_serial_decode_equals_one_request(tok):
         one = dec.generate_serial(p, 6, eos_token_id=tok.eos_token_id)
         assert res.suffix == one.suffix and len(res.suffix) >= 1
         assert tok.decode(res.suffix).strip()
+
+
+@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_path, autocast):
+    """distill's output format -> transform CLI -> finetune CLI (2 steps, top layer) -> a checkpoint that
+    ParallelDecoder.from_hf loads and decodes model-driven (it parses back); loss.jsonl holds finite losses."""
+    import json
+
+    from aspd_kernels.data import finetune, transform
+
+    serial = tmp_path / "serial.jsonl"
+    rows = [{"id": 0, "prompt": "List 3 benefits of packing for a trip.", "list": True, "answer": REAL_ANSWER,
+             "tokens": 120, "finished": True},
+            {"id": 1, "prompt": "In one sentence, what is a trip?", "list": False,
+             "answer": "A trip is a journey from one place to another.", "tokens": 12, "finished": True}]
+    serial.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, out = tmp_path / "aspd.jsonl", tmp_path / "ft"
+    assert transform.main(["--in", str(serial), "--out", str(data), "--min-branches", "3"]) == 0
+    assert [json.loads(line)["parallel"] for line in data.read_text().splitlines()] == [True, False]
+    assert finetune.main(["--data", str(data), "--out", str(out), "--steps", "2", "--row-tokens", "256",
+                          "--train-layers", "1", "--warmup", "1", "--threads", "1", "--autocast", autocast]) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+
+    from transformers import AutoTokenizer
+
+    from aspd_kernels.data.aspd_text import data_tokens
+    from aspd_kernels.data.distill import chat_ids
+    from aspd_kernels.decoder import ParallelDecoder
+    from aspd_kernels.layout import BranchLayout
+
+    tok = AutoTokenizer.from_pretrained(out)
+    tokens = data_tokens(tok)
+    dec = ParallelDecoder.from_hf(out, device="cpu", dtype=torch.float32, max_seq_len=256)
+    res = dec.generate(chat_ids(tok, rows[0]["prompt"]), 24, tokens, eos_token_id=tok.eos_token_id,
+                       max_branch_tokens=8)
+    assert res.generated_tokens > 0
+    from aspd_kernels.hf.text import to_reading_order
+
+    ids, _, br = to_reading_order(res.sequence, res.segment, res.branch)
+    assert BranchLayout.from_aspd_tokens(ids, tokens).branch.tolist() == br

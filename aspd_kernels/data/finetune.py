@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel-weight", type=int, default=2, help="each parallel example appears this many times "
                                                                    "per epoch (serial ones once)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--autocast", default="off", choices=["off", "bfloat16"],
+                   help="run the forward and backward matmuls under torch.autocast (float32 weights and optimizer)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
         batch = next(it)
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bfloat16"):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()

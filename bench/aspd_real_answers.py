@@ -12,7 +12,7 @@ from aspd_kernels.layout import BranchLayout
 
 def _base(res, mode: str, prompt_len: int) -> dict:
     return {"mode": mode, "s": res.total_s, "tokens": res.generated_tokens, "forward_passes": res.forward_passes,
-            "prompt_tokens": prompt_len}
+            "prompt_tokens": prompt_len, "stop": res.stop_reason}
 
 
 def serial_record(tok, res, prompt_len: int, mode: str, eos: int) -> dict:

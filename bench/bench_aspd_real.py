@@ -167,7 +167,21 @@ def aspd_figures(a: list[dict], f: list[dict]) -> dict:
     row["len"] = _mean([x["tokens"] for x in a])
     rep = [v for x in a for v in x["repeats"]]
     row["repeat_share"] = sum(rep) / len(rep) if rep else float("nan")
+    # an answer cut by the token budget inside a section cuts every branch mid-sentence, and the text read in
+    # order then jumps from each cut to the next item: the log-likelihood of the pairs where both answers ended
+    # by themselves tells that apart from what parallel decoding does to a finished answer
+    row["cut"] = _cut_share(a)
+    done = [(x, fs) for x, fs in zip(a, f) if x["sections"] and x.get("stop") == fs.get("stop") == "eos"]
+    row["uncut_pairs"] = len(done)
+    row["ll_uncut"] = _mean([x["base_logprob"] for x, _ in done])
+    row["ll_serial_uncut"] = _mean([fs["base_logprob"] for _, fs in done])
     return row
+
+
+def _cut_share(rs: list[dict]) -> float:
+    """The share of answers that ended on the token budget (nan for records without a stop reason)."""
+    known = [r["stop"] for r in rs if r.get("stop")]
+    return sum(s == "max_new_tokens" for s in known) / len(known) if known else float("nan")
 
 
 def summarize(recs: list[dict]) -> dict:
@@ -193,6 +207,7 @@ def summarize(recs: list[dict]) -> dict:
         for name, grp in (("ft-aspd", a), ("ft-serial", f), ("base-serial", b), ("base-plan", pl)):
             row[f"ll_{name}"] = _mean([x["base_logprob"] for x in grp])
             row[f"len_{name}"] = _mean([x["tokens"] for x in grp])
+            row[f"cut_{name}"] = _cut_share(grp)
         row["ll_ft_serial_same_prompts"] = _mean([by[(x["id"], "ft-serial")]["base_logprob"]
                                                   for x in a if x["sections"]])
         row["plan_usable"] = sum(x.get("usable_plan", False) for x in pl) / len(pl)

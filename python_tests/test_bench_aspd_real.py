@@ -8,8 +8,8 @@ from bench.aspd_real_report import table
 from bench.bench_aspd_real import NR, summarize
 
 
-def _rec(i, mode, s, tokens, fp, sections=(), branch_tokens=0, repeats=(), ll=-1.0, lst=True):
-    return {"id": i, "mode": mode, "s": s, "cpu_s": s, "tokens": tokens, "forward_passes": fp,
+def _rec(i, mode, s, tokens, fp, sections=(), branch_tokens=0, repeats=(), ll=-1.0, lst=True, stop="eos"):
+    return {"id": i, "mode": mode, "s": s, "cpu_s": s, "tokens": tokens, "forward_passes": fp, "stop": stop,
             "sections": list(sections), "branch_tokens": branch_tokens, "repeats": list(repeats), "parses": True,
             "base_logprob": ll, "list": lst, "prompt": f"p{i}", "text": "t"}
 
@@ -17,7 +17,8 @@ def _rec(i, mode, s, tokens, fp, sections=(), branch_tokens=0, repeats=(), ll=-1
 def _records(with_nr: bool):
     recs = []
     for i, (sa, ss) in enumerate([(2.0, 3.0), (1.0, 2.0)]):
-        recs += [_rec(i, "ft-aspd", sa, 100, 50, [4], 80, [i == 0], ll=-1.2),
+        # prompt 1's parallel answer ran into the token budget: its pair leaves the "both ended" figures
+        recs += [_rec(i, "ft-aspd", sa, 100, 50, [4], 80, [i == 0], ll=-1.2 - i, stop=("eos", "max_new_tokens")[i]),
                  _rec(i, "ft-serial", ss, 90, 90, ll=-1.0), _rec(i, "base-serial", 3.0, 95, 95, ll=-0.8),
                  _rec(i, "base-plan", 1.5, 60, 60, ll=-0.9)]
         if with_nr:
@@ -34,7 +35,9 @@ def test_summary_figures():
     assert s["parallel_token_share"] == pytest.approx(0.8)
     assert s["amdahl_k"] == pytest.approx(1 / (0.2 + 0.8 / 4))
     assert s["repeat_share"] == pytest.approx(0.5)
-    assert s["ll_ft_aspd_parallel_only"] == pytest.approx(-1.2)
+    assert s["ll_ft_aspd_parallel_only"] == pytest.approx(-1.7)
+    assert s["cut"] == 0.5 and s["cut_ft-aspd"] == 0.5 and s["cut_ft-serial"] == 0.0
+    assert s["uncut_pairs"] == 1 and s["ll_uncut"] == pytest.approx(-1.2) and s["ll_serial_uncut"] == -1.0
     assert s["ll_ft_serial_same_prompts"] == pytest.approx(-1.0)
     assert s["plan_speedup_mean"] == pytest.approx(2.0)
     assert "speedup_mean_nr" not in s and "no_sibling_repeat" not in table(summarize(_records(False)))
@@ -46,8 +49,10 @@ def test_summary_with_the_sibling_ban_variant():
     assert s["speedup_mean_nr"] == pytest.approx((3.0 + 4.0) / 2)
     assert s["repeat_share_nr"] == 0.0 and s["branches_per_section_nr"] == 3
     assert s["ll_nr"] == pytest.approx(-1.1)
+    assert s["uncut_pairs_nr"] == 2 and s["cut_nr"] == 0.0
     assert s["speedup_mean"] == pytest.approx(1.75)  # the plain variant's figures are untouched
     assert "`generate` + `no_sibling_repeat`: speedup per answer: mean** | 3.50" in table(summary)
+    assert "| answers cut by the token budget: `generate` | 50% | 50% |" in table(summary)
 
 
 def test_resolve_dtype():

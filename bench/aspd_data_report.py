@@ -9,6 +9,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# Real-model ASPD data: self-distilled SmolLM2-135M-Instruct answers, transformed\n",
         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; commit: {commit}; "
-        "device: CPU (2 cores shared with other jobs)",
+        f"device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible; what else ran "
+        "beside the distillation and the fine-tune, if anything, is in the note below)",
         f"- command: `python -m bench.aspd_data_report {' '.join(sys.argv[1:] if argv is None else argv)}`",
         *([f"- {args.note}"] if args.note else []),
         "",

@@ -38,9 +38,12 @@ def aspd_record(tok, tokens, res, prompt_len: int, mode: str, eos: int) -> dict:
         parses, text = False, tok.decode(ids_clean, skip_special_tokens=True)
     r = _base(res, mode, prompt_len)
     texts = [[tok.decode(b, skip_special_tokens=True) for b in sec] for sec in res.branches]
+    lens = [[len(b) for b in sec] for sec in res.branches]
+    # branch_tokens: the SAMPLED tokens inside branches (end tokens included), not the branch slots, which also
+    # hold each branch's prompt (<|branch|> + title + ":"), fed in one pass and not generated
     r.update(text=text, sections=[len(s) for s in res.branches], parses=parses,
-             repeats=[bool(repeated_pairs(t)) for t in texts], branch_tokens=sum(1 for b in br if b > 0),
-             branches=texts)
+             repeats=[bool(repeated_pairs(t)) for t in texts], branch_tokens=sum(map(sum, lens)),
+             branch_lens=lens, branches=texts)
     return r
 
 
@@ -60,7 +63,8 @@ def plan_record(tok, res, prompt_len: int, mode: str, eos: int) -> dict:
     text = lead + sep.join(m + b for m, b in zip(markers, bodies)) + ("\n\n" + conclusion.strip()
                                                                      if conclusion.strip() else "")
     r.update(text=text, sections=[len(bodies)], parses=True, repeats=[bool(repeated_pairs(bodies))],
-             branch_tokens=int((res.branch > 0).sum()), usable_plan=True, branches=[bodies])
+             branch_tokens=sum(map(len, res.branches)), branch_lens=[[len(b) for b in res.branches]],
+             usable_plan=True, branches=[bodies])
     return r
 
 

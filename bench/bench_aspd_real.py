@@ -161,6 +161,13 @@ def aspd_figures(a: list[dict], f: list[dict]) -> dict:
     row["parallel_token_share"] = p
     row["amdahl_k"] = 1.0 / ((1 - p) + p / k) if k == k else 1.0
     row["amdahl_inf"] = 1.0 / (1 - p) if p < 1 else float("inf")
+    # a section takes as many passes as its LONGEST branch: K_eff = branch tokens / sum of the longest branches
+    lens = [sec for x in a for sec in x.get("branch_lens", [])]
+    k_eff = sum(map(sum, lens)) / sum(map(max, lens)) if lens else float("nan")
+    row["k_eff"] = k_eff
+    row["amdahl_k_eff"] = 1.0 / ((1 - p) + p / k_eff) if k_eff == k_eff else 1.0
+    row["ms_per_fp"] = 1e3 * sum(x["s"] for x in a) / max(1, sum(x["forward_passes"] for x in a))
+    row["ms_per_fp_serial"] = 1e3 * sum(x["s"] for x in f) / max(1, sum(x["forward_passes"] for x in f))
     row["parses"] = sum(x["parses"] for x in a) / len(a)
     row["ll_ft_aspd_parallel_only"] = _mean([x["base_logprob"] for x in a if x["sections"]])
     row["ll"] = _mean([x["base_logprob"] for x in a])

@@ -8,8 +8,10 @@ from bench.aspd_real_report import table
 from bench.bench_aspd_real import NR, summarize
 
 
-def _rec(i, mode, s, tokens, fp, sections=(), branch_tokens=0, repeats=(), ll=-1.0, lst=True, stop="eos"):
+def _rec(i, mode, s, tokens, fp, sections=(), branch_tokens=0, repeats=(), ll=-1.0, lst=True, stop="eos",
+         lens=()):
     return {"id": i, "mode": mode, "s": s, "cpu_s": s, "tokens": tokens, "forward_passes": fp, "stop": stop,
+            "branch_lens": [list(x) for x in lens],
             "sections": list(sections), "branch_tokens": branch_tokens, "repeats": list(repeats), "parses": True,
             "base_logprob": ll, "list": lst, "prompt": f"p{i}", "text": "t"}
 
@@ -18,7 +20,8 @@ def _records(with_nr: bool):
     recs = []
     for i, (sa, ss) in enumerate([(2.0, 3.0), (1.0, 2.0)]):
         # prompt 1's parallel answer ran into the token budget: its pair leaves the "both ended" figures
-        recs += [_rec(i, "ft-aspd", sa, 100, 50, [4], 80, [i == 0], ll=-1.2 - i, stop=("eos", "max_new_tokens")[i]),
+        recs += [_rec(i, "ft-aspd", sa, 100, 50, [4], 80, [i == 0], ll=-1.2 - i, stop=("eos", "max_new_tokens")[i],
+                      lens=[(30, 20, 20, 10)]),
                  _rec(i, "ft-serial", ss, 90, 90, ll=-1.0), _rec(i, "base-serial", 3.0, 95, 95, ll=-0.8),
                  _rec(i, "base-plan", 1.5, 60, 60, ll=-0.9)]
         if with_nr:
@@ -34,6 +37,8 @@ def test_summary_figures():
     assert s["tokens_per_fp"] == pytest.approx(200 / 100)
     assert s["parallel_token_share"] == pytest.approx(0.8)
     assert s["amdahl_k"] == pytest.approx(1 / (0.2 + 0.8 / 4))
+    assert s["k_eff"] == pytest.approx(160 / 60) and s["amdahl_k_eff"] == pytest.approx(1 / (0.2 + 0.8 * 60 / 160))
+    assert s["ms_per_fp"] == pytest.approx(1e3 * 3.0 / 100) and s["ms_per_fp_serial"] == pytest.approx(1e3 * 5 / 180)
     assert s["repeat_share"] == pytest.approx(0.5)
     assert s["ll_ft_aspd_parallel_only"] == pytest.approx(-1.7)
     assert s["cut"] == 0.5 and s["cut_ft-aspd"] == 0.5 and s["cut_ft-serial"] == 0.0

@@ -39,8 +39,8 @@ def aspd_record(tok, tokens, res, prompt_len: int, mode: str, eos: int) -> dict:
     r = _base(res, mode, prompt_len)
     texts = [[tok.decode(b, skip_special_tokens=True) for b in sec] for sec in res.branches]
     lens = [[len(b) for b in sec] for sec in res.branches]
-    # branch_tokens: the SAMPLED tokens inside branches (end tokens included), not the branch slots, which also
-    # hold each branch's prompt (<|branch|> + title + ":"), fed in one pass and not generated
+    # branch_tokens: what each branch holds after its prompt (its end token included, sampled, or appended where a
+    # limit cut it), not the branch slots, which also hold the prompt (<|branch|> + title + ":"), fed in one pass
     r.update(text=text, sections=[len(s) for s in res.branches], parses=parses,
              repeats=[bool(repeated_pairs(t)) for t in texts], branch_tokens=sum(map(sum, lens)),
              branch_lens=lens, branches=texts)

@@ -97,3 +97,31 @@ def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_pa
 
     ids, _, br = to_reading_order(res.sequence, res.segment, res.branch)
     assert BranchLayout.from_aspd_tokens(ids, tokens).branch.tolist() == br
+
+    # a forced two-branch section through the evaluation's record: branch_tokens counts what the branches hold
+    # after their prompts (end tokens included), never the prompt slots, so the Amdahl share p is not inflated
+    from bench.aspd_real_answers import aspd_record
+
+    eos = tok.eos_token_id
+    script = [tokens.title, *tok.encode("Cost", add_special_tokens=False), tokens.title_end,
+              tokens.title, *tok.encode("Time", add_special_tokens=False), tokens.title_end, tokens.para]
+    left = list(script)
+
+    def force(logits, histories):
+        h = histories[0]
+        last = {t: max((i for i, x in enumerate(h) if x == t), default=-1) for t in (tokens.branch, tokens.para_end)}
+        if len(histories) > 1 or last[tokens.branch] > last[tokens.para_end]:
+            return logits  # inside the section: the model writes the branches
+        out = torch.full_like(logits, float("-inf"))
+        out[:, left.pop(0) if left else eos] = 0.0
+        return out
+
+    p = chat_ids(tok, rows[0]["prompt"])
+    res = dec.generate(p, 64, tokens, eos_token_id=eos, max_branch_tokens=3, logits_processor=force)
+    rec = aspd_record(tok, tokens, res, len(p), "ft-aspd", eos)
+    assert rec["parses"] and rec["sections"] == [2] and rec["stop"] == "eos"
+    lens = rec["branch_lens"][0]
+    assert rec["branch_lens"] == [[len(b) for b in res.branches[0]]] and all(1 <= n <= 4 for n in lens)
+    sampled_in_branches = int((res.sampled.bool() & (res.branch > 0)).sum())
+    assert sampled_in_branches <= rec["branch_tokens"] == sum(lens) <= sampled_in_branches + 2
+    assert rec["tokens"] == len(script) + 1 + sampled_in_branches  # the titles, <|para|>, EOS and the branches

@@ -62,9 +62,9 @@ def plan_record(tok, res, prompt_len: int, mode: str, eos: int) -> dict:
     conclusion = tok.decode([t for t in res.suffix if t != eos], skip_special_tokens=True).replace("####%%%%", "")
     text = lead + sep.join(m + b for m, b in zip(markers, bodies)) + ("\n\n" + conclusion.strip()
                                                                      if conclusion.strip() else "")
+    lens = [len(b) for b in res.branches]
     r.update(text=text, sections=[len(bodies)], parses=True, repeats=[bool(repeated_pairs(bodies))],
-             branch_tokens=sum(map(len, res.branches)), branch_lens=[[len(b) for b in res.branches]],
-             usable_plan=True, branches=[bodies])
+             branch_tokens=sum(lens), branch_lens=[lens], usable_plan=True, branches=[bodies])
     return r
 
 

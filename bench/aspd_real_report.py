@@ -17,7 +17,7 @@ def table(summary: dict) -> str:
         ("fine-tuned `generate`: answers with a parallel section", "parallel_share", _pct),
         ("branches per section", "branches_per_section", _f),
         ("generated tokens per forward pass", "tokens_per_fp", _f),
-        ("answer tokens sampled inside branches (p; the branch prompts not counted)", "parallel_token_share", _pct),
+        ("answer tokens inside branches (p; their end tokens counted, their prompts not)", "parallel_token_share", _pct),
         ("**speedup vs the same model serial, per answer: median**", "speedup_median", _f),
         ("**speedup per answer: mean**", "speedup_mean", _f),
         ("speedup over the set (sum of serial s / sum of parallel s)", "speedup_set", _f),

@@ -39,10 +39,12 @@ def aspd_record(tok, tokens, res, prompt_len: int, mode: str, eos: int) -> dict:
     r = _base(res, mode, prompt_len)
     texts = [[tok.decode(b, skip_special_tokens=True) for b in sec] for sec in res.branches]
     lens = [[len(b) for b in sec] for sec in res.branches]
-    # branch_tokens: what each branch holds after its prompt (its end token included, sampled, or appended where a
-    # limit cut it), not the branch slots, which also hold the prompt (<|branch|> + title + ":"), fed in one pass
+    # branch_tokens (p's numerator): the tokens sampled inside branches, not the branch slots, which also hold
+    # each branch's prompt (<|branch|> + title + ":", fed in one pass) and the <|/branch|> appended where a limit
+    # cut a branch
+    sampled = int((res.sampled.bool() & (res.branch > 0)).sum())
     r.update(text=text, sections=[len(s) for s in res.branches], parses=parses,
-             repeats=[bool(repeated_pairs(t)) for t in texts], branch_tokens=sum(map(sum, lens)),
+             repeats=[bool(repeated_pairs(t)) for t in texts], branch_tokens=sampled,
              branch_lens=lens, branches=texts)
     return r
 

@@ -58,8 +58,8 @@ def test_batched_serial_decode_equals_one_request(tok):
         assert tok.decode(res.suffix).strip()
 
 
-@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
-def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_path, autocast):
+@pytest.mark.parametrize("autocast, markers", [("off", False), ("bfloat16", True)])
+def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_path, autocast, markers):
     """distill's output format -> transform CLI -> finetune CLI (2 steps, top layer) -> a checkpoint that
     ParallelDecoder.from_hf loads and decodes model-driven (it parses back); loss.jsonl holds finite losses."""
     import json
@@ -73,8 +73,22 @@ def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_pa
              "answer": "A trip is a journey from one place to another.", "tokens": 12, "finished": True}]
     serial.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data, out = tmp_path / "aspd.jsonl", tmp_path / "ft"
-    assert transform.main(["--in", str(serial), "--out", str(data), "--min-branches", "3"]) == 0
-    assert [json.loads(line)["parallel"] for line in data.read_text().splitlines()] == [True, False]
+    assert transform.main(["--in", str(serial), "--out", str(data), "--min-branches", "3"]
+                          + ["--title-markers"] * markers) == 0
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [r["parallel"] for r in lines] == [True, False]
+    assert [r["title_markers"] for r in lines] == [markers] * 2
+    # the fine-tune encodes each row in the format the transformation chose (the marker inside the titles)
+    from transformers import AutoTokenizer as _Tok
+
+    from aspd_kernels.data.aspd_text import data_tokens as _dt
+    from aspd_kernels.hf.tokens import add_aspd_tokens
+
+    t = _Tok.from_pretrained(smollm2_dir())
+    add_aspd_tokens(t)
+    ex = finetune.build_examples(t, _dt(t), lines[:1], 1024)[0]
+    text = t.decode(ex["input_ids"])
+    assert ("<|branch|>2. " in text) == markers and ("<|title|>1. " in text) == markers
     assert finetune.main(["--data", str(data), "--out", str(out), "--steps", "2", "--row-tokens", "256",
                           "--train-layers", "1", "--warmup", "1", "--threads", "1", "--autocast", autocast]) == 0
     losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
@@ -98,8 +112,8 @@ def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_pa
     ids, _, br = to_reading_order(res.sequence, res.segment, res.branch)
     assert BranchLayout.from_aspd_tokens(ids, tokens).branch.tolist() == br
 
-    # a forced two-branch section through the evaluation's record: branch_tokens counts what the branches hold
-    # after their prompts (end tokens included), never the prompt slots, so the Amdahl share p is not inflated
+    # a forced two-branch section through the evaluation's record: branch_tokens counts the tokens sampled inside
+    # branches, never the prompt slots or an appended <|/branch|>, so the Amdahl share p is not inflated
     from bench.aspd_real_answers import aspd_record
 
     eos = tok.eos_token_id
@@ -123,5 +137,5 @@ def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_pa
     lens = rec["branch_lens"][0]
     assert rec["branch_lens"] == [[len(b) for b in res.branches[0]]] and all(1 <= n <= 4 for n in lens)
     sampled_in_branches = int((res.sampled.bool() & (res.branch > 0)).sum())
-    assert sampled_in_branches <= rec["branch_tokens"] == sum(lens) <= sampled_in_branches + 2
+    assert rec["branch_tokens"] == sampled_in_branches <= sum(lens) <= sampled_in_branches + 2
     assert rec["tokens"] == len(script) + 1 + sampled_in_branches  # the titles, <|para|>, EOS and the branches

@@ -37,6 +37,26 @@ def test_numbered_list_becomes_one_section_that_reads_back(tok):
     assert read_back(tok, data_tokens(tok), ex.ids, [(["1. ", "2. ", "3. "], "\n\n")]) == LIST
 
 
+def test_title_markers_keep_the_list_marker_in_each_title(tok):
+    ex = transform(tok, "a", "Give 3 tips.", LIST, title_markers=True)
+    text = tok.decode(ex.ids)
+    assert text.startswith("Here are 3 tips for gardening:\n\n<|title|>1. **Water wisely**<|/title|><|title|>2. ")
+    assert "<|branch|>2. **Use compost**: Compost feeds the soil.<|/branch|>" in text
+    assert ex.to_json()["title_markers"] is True and ex.text == LIST
+    tk = data_tokens(tok)
+    # integrity with the section's own separator, and the decoder's default read-back (numbered items, blank
+    # lines) writes a branch that opens on its own marker as it is: no "1. 1. "
+    assert read_back(tok, tk, ex.ids, [([""] * 3, "\n\n")]) == LIST
+    assert read_back(tok, tk, ex.ids) == LIST
+    bullets = "Tips:\n- Soil: Dig well.\n- Seeds: Sow thin.\n- Water: Little and often.\n\nDone."
+    ex = transform(tok, "b", "p", bullets, title_markers=True)
+    assert "<|branch|>- Seeds: Sow thin.<|/branch|>" in tok.decode(ex.ids)
+    assert read_back(tok, tk, ex.ids).startswith("Tips:\n- Soil: Dig well.\n\n- Seeds: Sow thin.\n\n- Water")
+    # and the plain format still gets numbered
+    plain = transform(tok, "c", "p", bullets)
+    assert read_back(tok, tk, plain.ids).startswith("Tips:\n1. Soil: Dig well.\n\n2. Seeds: Sow thin.")
+
+
 @pytest.mark.parametrize("answer, kind, n", [
     ("Tips:\n- Sleep: Go to bed early.\n- Food: Eat well.\n- Move: Walk daily.", "bullet", 3),
     ("**Cost**: It is cheap.\n\n**Time**: It is quick.", "titled", 2),

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from ..layout import BranchLayout
 from ..tokens import AspdTokens
-from .structure import Item, Section
+from .structure import Item, Section, starts_with_marker
 
 TITLE_SEP, AFTER_PARA = ":", "\n"
 
@@ -31,9 +31,17 @@ def _dec(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), clean_up_tokenization_spaces=False) if ids else ""
 
 
-def answer_ids(tokenizer, tokens: AspdTokens, pieces: list) -> list[int]:
-    """The ASPD-format ids of an answer given as pieces (``str`` and :class:`Section`). The text right after a
-    section must start with ``"\\n"`` (the forced ``after_para``); ``ValueError`` otherwise."""
+def branch_title(it: Item, title_markers: bool = False) -> str:
+    """What a branch's title holds: the item's title, or with ``title_markers`` its list marker too
+    (``"2. Yoga blocks"``), so that the title list reads as a numbered outline and a branch opens on the very
+    words a serial list item opens on."""
+    return it.marker + it.title if title_markers else it.title
+
+
+def answer_ids(tokenizer, tokens: AspdTokens, pieces: list, title_markers: bool = False) -> list[int]:
+    """The ASPD-format ids of an answer given as pieces (``str`` and :class:`Section`); ``title_markers``: see
+    :func:`branch_title`. The text right after a section must start with ``"\\n"`` (the forced ``after_para``);
+    ``ValueError`` otherwise."""
     out: list[int] = []
     after_section = False
     for i, p in enumerate(pieces):
@@ -48,10 +56,10 @@ def answer_ids(tokenizer, tokens: AspdTokens, pieces: list) -> list[int]:
         if not isinstance(p, Section) or len(p.items) < 2:
             raise ValueError(f"pieces[{i}]: expected text or a Section of at least 2 items, got {p!r}")
         for it in p.items:
-            out += [tokens.title, *_enc(tokenizer, it.title), tokens.title_end]
+            out += [tokens.title, *_enc(tokenizer, branch_title(it, title_markers)), tokens.title_end]
         out.append(tokens.para)
         for it in p.items:
-            out += [tokens.branch, *_enc(tokenizer, it.title), *tokens.title_sep, *_enc(tokenizer, it.body),
+            out += [tokens.branch, *_enc(tokenizer, branch_title(it, title_markers)), *tokens.title_sep, *_enc(tokenizer, it.body),
                     tokens.branch_end]
         out += [tokens.para_end, *tokens.after_para]
         after_section = True
@@ -60,7 +68,8 @@ def answer_ids(tokenizer, tokens: AspdTokens, pieces: list) -> list[int]:
 
 def default_style(n: int) -> tuple[list[str], str]:
     """How a decoded section is written out as text: ``"1. "``, ``"2. "``, ... and a blank line between items
-    (the base model's own list style)."""
+    (the base model's own list style). A branch that opens on its own list marker (its title holds it,
+    :func:`branch_title`) is written as it is (:func:`read_back`)."""
     return [f"{k}. " for k in range(1, n + 1)], "\n\n"
 
 
@@ -86,9 +95,12 @@ def read_back(tokenizer, tokens: AspdTokens, ids: Sequence[int],
         if not branches:
             return
         bodies = [_dec(tokenizer, branches[j]) for j in sorted(branches)]
-        markers, sep = (styles[n_sec] if styles is not None and n_sec < len(styles)
-                        else default_style(len(bodies)))
-        markers = list(markers) + default_style(len(bodies))[0][len(markers):]
+        if styles is not None and n_sec < len(styles):
+            markers, sep = styles[n_sec]
+            markers = list(markers) + default_style(len(bodies))[0][len(markers):]
+        else:
+            markers, sep = default_style(len(bodies))
+            markers = ["" if starts_with_marker(b) else m for m, b in zip(markers, bodies)]
         text.append(sep.join(m + b for m, b in zip(markers, bodies)))
         branches.clear()
         n_sec += 1
@@ -119,8 +131,8 @@ def read_back(tokenizer, tokens: AspdTokens, ids: Sequence[int],
     return "".join(text)
 
 
-def section_style(sec: Section) -> tuple[list[str], str]:
-    return [it.marker for it in sec.items], sec.sep
+def section_style(sec: Section, title_markers: bool = False) -> tuple[list[str], str]:
+    return ["" if title_markers else it.marker for it in sec.items], sec.sep
 
 
 def to_json(pieces: list) -> list[dict]:

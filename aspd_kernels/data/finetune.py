@@ -67,7 +67,7 @@ def build_examples(tok, tokens, rows: list[dict], max_len: int) -> list[dict]:
     out = []
     for r in rows:
         p = chat_ids(tok, r["prompt"])
-        a = answer_ids(tok, tokens, from_json(r["pieces"])) + [tok.eos_token_id]
+        a = answer_ids(tok, tokens, from_json(r["pieces"]), r.get("title_markers", False)) + [tok.eos_token_id]
         if len(p) + len(a) <= max_len:
             ex = ah.build_example(p, a, tokens)
             ex["parallel"] = r["parallel"]

@@ -51,6 +51,11 @@ class Section:
 Piece = "str | Section"
 
 
+def starts_with_marker(text: str) -> bool:
+    """Whether ``text`` opens on a list marker (``"3. "``, ``"2) "``, ``"- "``, ``"* "``, ``"\u2022 "``)."""
+    return bool(_NUMBERED.match(text) or _BULLET.match(text))
+
+
 def render(pieces: list) -> str:
     """The answer the pieces came from: plain text as it is, each section's items in order with their markers."""
     return "".join(p if isinstance(p, str) else p.text for p in pieces)

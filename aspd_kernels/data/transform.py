@@ -37,6 +37,7 @@ class Example:
     branch_tokens: int
     refused: list[str] = field(default_factory=list)
     trimmed: bool = False
+    title_markers: bool = False
 
     @property
     def sections(self) -> list[Section]:
@@ -49,7 +50,8 @@ class Example:
     def to_json(self) -> dict:
         return {"id": self.id, "prompt": self.prompt, "text": self.text, "parallel": self.parallel,
                 "pieces": to_json(self.pieces), "answer_tokens": len(self.ids), "branch_tokens": self.branch_tokens,
-                "branches": [len(s.items) for s in self.sections], "refused": self.refused, "trimmed": self.trimmed}
+                "branches": [len(s.items) for s in self.sections], "refused": self.refused, "trimmed": self.trimmed,
+                "title_markers": self.title_markers}
 
 
 def _merge(pieces: list) -> list:
@@ -90,10 +92,12 @@ def _norm(title: str) -> str:
 
 
 def transform(tokenizer, example_id, prompt: str, answer: str, *, finished: bool = True,
-              judge: Judge | None = None, tokens=None, min_branches: int = 2) -> Example | None:
+              judge: Judge | None = None, tokens=None, min_branches: int = 2,
+              title_markers: bool = False) -> Example | None:
     """Transform one (prompt, answer) pair. ``tokenizer`` must hold the six ASPD tokens. ``finished=False``: the
     answer was cut by a token cap, so its last line is dropped first (None when nothing is left). A section with
-    fewer than ``min_branches`` items stays plain text.
+    fewer than ``min_branches`` items stays plain text. ``title_markers``: each branch's title keeps its list
+    marker (``aspd_text.branch_title``).
 
     Raises ``ValueError`` naming ``example_id`` for a prompt or answer that is not a non-empty string, and if the
     ASPD-format answer fails to read back to the text (a bug, never expected)."""
@@ -125,13 +129,14 @@ def transform(tokenizer, example_id, prompt: str, answer: str, *, finished: bool
     kept = _merge(kept)
     if render(kept) != text:
         raise ValueError(f"{where}: the pieces do not cover the answer (structure bug)")
-    ids = answer_ids(tokenizer, tokens, kept)
-    styles = [section_style(s) for s in kept if isinstance(s, Section)]
+    ids = answer_ids(tokenizer, tokens, kept, title_markers)
+    styles = [section_style(s, title_markers) for s in kept if isinstance(s, Section)]
     check_integrity(text, read_back(tokenizer, tokens, ids, styles), where)
     from ..layout import BranchLayout
 
     n_branch = int((BranchLayout.from_aspd_tokens(ids, tokens).branch > 0).sum()) if styles else 0
-    return Example(example_id, prompt, text, kept, ids, n_branch, refused, trimmed=trimmed)
+    return Example(example_id, prompt, text, kept, ids, n_branch, refused, trimmed=trimmed,
+                   title_markers=title_markers)
 
 
 def report(examples: list[Example]) -> dict:
@@ -176,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=".aspd_data/aspd.jsonl")
     p.add_argument("--model", default="smollm2", help="its tokenizer (the six tokens are added)")
     p.add_argument("--min-branches", type=int, default=2, help="a list with fewer items stays plain text")
+    p.add_argument("--title-markers", action="store_true",
+                   help="branch titles keep their list marker ('2. Title'): the title list reads as an outline")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for row in load_jsonl(args.src):
         ex = transform(tok, row.get("id"), row.get("prompt"), row.get("answer"), finished=row.get("finished", True),
-                       min_branches=args.min_branches)
+                       min_branches=args.min_branches, title_markers=args.title_markers)
         if ex is not None:
             out.append(ex)
     with open(args.out, "w") as f:

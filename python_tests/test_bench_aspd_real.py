@@ -65,3 +65,39 @@ def test_resolve_dtype():
     assert resolve_dtype("auto") is (torch.bfloat16 if native_bf16() else torch.float32)
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("float16")
+
+
+def test_merge_rescore_scores_each_text_again(tmp_path):
+    """--merge --rescore replaces every record's base_logprob with the base model's score of its text (the
+    scorer's tokenizer fixed after a run), and writes the report under --stem."""
+    import json
+
+    from bench.aspd_real_answers import mean_logprob
+    from bench.bench_aspd_real import main
+
+    recs = _records(with_nr=False)
+    for r in recs:
+        r.update(prompt="List 2 colors.", text="1. Red: warm.\n\n2. Blue: cool.", base_logprob=0.0)
+    src = tmp_path / "shard.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    torch.set_num_threads(1)
+    assert main(["--merge", str(src), "--rescore", "--out", str(tmp_path), "--stem", "rescored"]) == 0
+    out = [json.loads(x) for x in open(tmp_path / "rescored.jsonl")]
+    assert len(out) == len(recs) and len({r["base_logprob"] for r in out}) == 1
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aspd_kernels.data.distill import chat_ids
+    from aspd_kernels.models import smollm2_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    want = mean_logprob(base, chat_ids(tok, "List 2 colors."), tok.encode(recs[0]["text"], add_special_tokens=False))
+    assert out[0]["base_logprob"] == pytest.approx(want) and -10 < want < 0
+    assert (tmp_path / "rescored.md").is_file()
+
+
+def test_rescore_needs_merge():
+    from bench.bench_aspd_real import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--rescore"])

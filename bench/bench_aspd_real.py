@@ -26,6 +26,8 @@ import time
 import torch
 from tqdm import tqdm
 
+from aspd_kernels.data.rules import list_repeats
+
 from .aspd_real_answers import aspd_record, mean_logprob, plan_record, serial_record
 
 MODES = ("ft-aspd", "ft-serial", "base-serial", "base-plan")
@@ -198,6 +200,14 @@ def aspd_figures(a: list[dict], f: list[dict]) -> dict:
     row["uncut_pairs"] = len(done)
     row["ll_uncut"] = _mean([x["base_logprob"] for x, _ in done])
     row["ll_serial_uncut"] = _mean([fs["base_logprob"] for _, fs in done])
+    # a greedy answer that loops (two equal items) is likely text to the scorer: the pairs where neither
+    # answer's list repeats itself (rules.list_repeats, the same test on both texts) compare answers that do not
+    par = [(x, fs) for x, fs in zip(a, f) if x["sections"]]
+    row["serial_loops"] = _mean([float(list_repeats(fs["text"])) for _, fs in par])
+    clean = [(x, fs) for x, fs in par if not list_repeats(x["text"]) and not list_repeats(fs["text"])]
+    row["clean_pairs"] = len(clean)
+    row["ll_clean"] = _mean([x["base_logprob"] for x, _ in clean])
+    row["ll_serial_clean"] = _mean([fs["base_logprob"] for _, fs in clean])
     return row
 
 

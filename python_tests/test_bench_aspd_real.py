@@ -101,3 +101,17 @@ def test_rescore_needs_merge():
 
     with pytest.raises(SystemExit):
         parse(["--rescore"])
+
+
+def test_clean_pairs_leave_out_lists_that_repeat_themselves():
+    """The log-likelihood over the prompts where neither answer's list loops (rules.list_repeats on both)."""
+    recs = _records(with_nr=False)
+    loop = "1. A: the same words here.\n2. B: the same words here."
+    clean = "1. A: one thing.\n2. B: another."
+    for r in recs:
+        if r["mode"] in ("ft-aspd", "ft-serial"):
+            r["text"] = loop if (r["id"], r["mode"]) == (1, "ft-serial") else clean
+    s = summarize(recs)["list"]
+    assert s["serial_loops"] == 0.5 and s["clean_pairs"] == 1
+    assert s["ll_clean"] == pytest.approx(-1.2) and s["ll_serial_clean"] == pytest.approx(-1.0)
+    assert "prompts where neither answer's list repeats itself" in table(summarize(recs))

@@ -208,3 +208,15 @@ def test_min_branches_keeps_short_lists_serial(tok):
     assert [len(s.items) for s in transform(tok, 0, "p", LIST, min_branches=3).sections] == [3]
     with pytest.raises(ValueError, match="min_branches"):
         check_section("p", transform(tok, 0, "p", LIST).sections[0], min_branches=1)
+
+
+@pytest.mark.parametrize("text, loops", [
+    ("Tips:\n\n1. **Water**: drink it daily.\n\n2. **Sleep**: go to bed early.\n\n3. **Walk**: an hour outside.", False),
+    ("1. **Water**: drink it daily.\n2. **Sleep**: go to bed early.\n3. **water**: keep a bottle.", True),
+    ("1. Water: drink water every day, it keeps you well.\n2. Juice: drink water every day, it keeps you well.", True),
+    ("No list here, only a sentence: and a colon.", False),
+])
+def test_list_repeats_finds_a_list_that_loops(text, loops):
+    from aspd_kernels.data.rules import list_repeats
+
+    assert list_repeats(text) is loops

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from .structure import Section
+from .structure import Section, find_sections
 
 # phrases that point at another item, anywhere in an item
 _CROSS_REF = re.compile(
@@ -49,6 +49,19 @@ def repeated_pairs(texts: list[str], threshold: float = 0.5) -> list[tuple[int, 
     """The pairs ``(j, k)``, ``j < k``, of ``texts`` that :func:`repeats` finds repeating each other."""
     return [(j, k) for j in range(len(texts)) for k in range(j + 1, len(texts))
             if repeats(texts[j], texts[k], threshold)]
+
+
+def list_repeats(text: str, threshold: float = 0.5) -> bool:
+    """Whether a list in ``text`` (any run of items :func:`structure.find_sections` finds, serial or read back from
+    branches) repeats itself: two items with the same title (case ignored) or two bodies that :func:`repeats`.
+    Greedy decoding of a small model loops, and a loop is likely text: the evaluation compares the log-likelihood
+    of answers that do not."""
+    for piece in find_sections(text)[0]:
+        if isinstance(piece, Section):
+            titles = [it.title.strip().lower() for it in piece.items]
+            if len(set(titles)) < len(titles) or repeated_pairs([it.body for it in piece.items], threshold):
+                return True
+    return False
 
 
 def dependence(section: Section) -> list[str]:
